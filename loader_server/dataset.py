@@ -1,0 +1,628 @@
+"""Index .npy/.npz datasets from their headers alone, and read single samples from memory maps.
+
+Startup must not grow with data size, so `build_index` only ever reads array headers (and zip
+directories); whole arrays are never loaded. Workers then map each file once, keep a bounded
+number of maps open, and copy out one row per sample. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import io
+import logging
+import math
+import mmap
+import os
+import struct
+import zipfile
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from numpy.lib import format as npy_format
+
+from loader_server.config import ConfigError, DatasetConfig
+
+log = logging.getLogger(__name__)
+
+NUMERIC_KINDS = "biufc"  # bool, signed, unsigned, float, complex
+DEFAULT_MAX_OPEN = 128
+_ZIP_LOCAL_HEADER = struct.Struct("<4s5H3L2H")
+_ZIP_LOCAL_MAGIC = b"PK\x03\x04"
+# .npy 3.0 only differs in allowing utf-8 field names, i.e. structured dtypes, refused anyway.
+_HEADER_LENGTH_FORMATS = {(1, 0): "<H", (2, 0): "<I"}
+
+
+class DatasetError(ValueError):
+    """A data file is missing, malformed or inconsistent; the message names it and says what to do."""
+
+
+@dataclass(frozen=True)
+class ArraySource:
+    """One on-disk array, located from its header alone."""
+
+    path: str
+    member: str | None
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+    fortran_order: bool
+    compressed: bool
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+    @property
+    def where(self) -> str:
+        """How messages name this array: the file, plus the member for archives."""
+        return self.path if self.member is None else f"{self.path} (member {self.member!r})"
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """What one sample looks like before augmentation."""
+
+    x_dtype: str
+    x_shape: tuple[int, ...]
+    y_dtype: str | None
+    y_shape: tuple[int, ...] | None
+    spatial_targets: bool
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """Everything a worker needs to find any sample; small and picklable (no array data).
+
+    `row_starts[i]` is the global id of the first sample in `x_sources[i]`; the last entry is
+    `num_samples`. `y_sources` is aligned with `x_sources` (paired, per-sample targets);
+    `labels` holds one row per sample (per-sample labels). `file_sizes` records every file's
+    size at indexing time, so the fingerprint covers bytes a header does not describe.
+    """
+
+    name: str
+    layout: str
+    num_samples: int
+    spec: SampleSpec
+    x_sources: tuple[ArraySource, ...]
+    row_starts: tuple[int, ...]
+    y_sources: tuple[ArraySource, ...] | None = None
+    labels: ArraySource | None = None
+    label_column: int | None = None
+    x_shape: tuple[int, ...] | None = None
+    file_sizes: tuple[tuple[str, int], ...] = ()
+
+    def fingerprint(self) -> str:
+        """Hash what defines the samples, with paths relative to the data's common folder,
+        so a remote worker can prove it sees the same data under a different root."""
+        relative = _relative_paths([path for path, _ in self.file_sizes])
+        h = hashlib.sha256()
+        h.update(repr((self.layout, self.num_samples, self.label_column, self.x_shape)).encode())
+        for path, size in self.file_sizes:
+            h.update(repr((relative[path], size)).encode())
+        for src in self._all_sources():
+            fields = (relative[src.path], src.member, src.offset, src.dtype, src.shape,
+                      src.fortran_order, src.compressed)
+            h.update(repr(fields).encode())
+        return h.hexdigest()
+
+    def _all_sources(self) -> tuple[ArraySource, ...]:
+        extra = (self.labels,) if self.labels is not None else ()
+        return self.x_sources + (self.y_sources or ()) + extra
+
+
+def _relative_paths(paths: list[str]) -> dict[str, str]:
+    """Each path relative to the deepest folder holding them all, '/'-separated."""
+    absolute = {p: os.path.abspath(p) for p in paths}
+    if not absolute:
+        return {}
+    root = os.path.join(os.path.commonpath([os.path.dirname(a) for a in absolute.values()]), "")
+    return {p: a[len(root):].replace(os.sep, "/") for p, a in absolute.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Headers
+
+
+def read_source(path: str, member: str | None = None) -> ArraySource:
+    """Locate one array from its header (and, for .npz, the zip directory) without reading data."""
+    try:
+        if _is_npz(path):
+            return _read_npz_source(path, member)
+        if member is not None:
+            raise DatasetError(f"{path} is a .npy file, so it has no member {member!r}; "
+                               "--x-key/--y-key only apply to .npz archives")
+        return _read_npy_source(path)
+    except OSError as e:
+        raise DatasetError(
+            f"cannot read {path}: {e.strerror or e}; check it exists and is readable") from e
+
+
+def _is_npz(path: str) -> bool:
+    return path.lower().endswith(".npz")
+
+
+def _read_npy_source(path: str) -> ArraySource:
+    with open(path, "rb") as f:
+        shape, fortran, dtype = _parse_header(f, path)
+        offset = f.tell()
+        size = os.fstat(f.fileno()).st_size
+    src = ArraySource(path, None, offset, dtype.str, shape, fortran, compressed=False)
+    _check_length(src, size, offset, path)
+    return src
+
+
+def _parse_header(f: BinaryIO, where: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Parse and vet a .npy header, turning every kind of damage into one clear message."""
+    bad = f"{where} is not a valid .npy file (bad magic/header): re-save it with numpy.save"
+    try:
+        version = npy_format.read_magic(f)
+        length_format = _HEADER_LENGTH_FORMATS[version]
+        raw_length = f.read(struct.calcsize(length_format))
+        header = f.read(struct.unpack(length_format, raw_length)[0])
+        shape, fortran, dtype = _decode_header(version, raw_length + header)
+    except (ValueError, KeyError, EOFError, SyntaxError, TypeError, UnicodeDecodeError,
+            struct.error) as e:
+        raise DatasetError(bad) from e
+    if any(d < 0 for d in shape):
+        raise DatasetError(bad)
+    _check_dtype(dtype, where)
+    return shape, fortran, dtype
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode_header(version: tuple[int, int], raw: bytes) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """numpy's own parser, memoized: 100k same-shaped files share one header, and parsing
+    (a Python literal_eval) would otherwise dominate indexing time."""
+    if version == (1, 0):
+        return npy_format.read_array_header_1_0(io.BytesIO(raw))
+    return npy_format.read_array_header_2_0(io.BytesIO(raw))
+
+
+def _check_dtype(dtype: np.dtype, where: str) -> None:
+    if dtype.hasobject:
+        raise DatasetError(f"{where} has dtype object; npyloader never unpickles: save numeric arrays")
+    if dtype.kind not in NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise DatasetError(f"{where} has dtype {dtype}, which is not numeric or bool: "
+                           "save numeric arrays (e.g. with .astype(np.float32))")
+
+
+def _check_length(src: ArraySource, available: int, start: int, where: str) -> None:
+    """A header can promise more data than was written (interrupted copy or save)."""
+    missing = start + src.nbytes - available
+    if missing > 0:
+        raise DatasetError(
+            f"{where} is truncated: its header promises {src.nbytes} data bytes "
+            f"(shape {src.shape}, dtype {src.dtype}) but {missing} are missing; re-save or re-copy it")
+
+
+def _read_npz_source(path: str, member: str | None) -> ArraySource:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            info = _zip_member(zf, path, member)
+            key = _member_key(info.filename)
+            where = f"{path} (member {key!r})"
+            if info.compress_type == zipfile.ZIP_STORED:
+                return _stored_member_source(zf, info, path, key, where)
+            with zf.open(info) as f:
+                shape, fortran, dtype = _parse_header(f, where)
+                offset = f.tell()
+    except (zipfile.BadZipFile, EOFError, struct.error, NotImplementedError, zlib.error) as e:
+        raise DatasetError(f"{path} is not a valid .npz archive: re-save it with numpy.savez") from e
+    src = ArraySource(path, key, offset, dtype.str, shape, fortran, compressed=True)
+    _check_length(src, info.file_size, offset, where)
+    return src
+
+
+def _member_key(name: str) -> str:
+    """Members are named the way numpy.load names them: 'x.npy' is 'x'."""
+    return name[:-4] if name.endswith(".npy") else name
+
+
+def _zip_member(zf: zipfile.ZipFile, path: str, member: str | None) -> zipfile.ZipInfo:
+    infos = {_member_key(i.filename): i for i in zf.infolist() if not i.is_dir()}
+    if member is None:
+        if len(infos) == 1:
+            return next(iter(infos.values()))
+        raise DatasetError(f"{path} has members {', '.join(sorted(infos)) or '(none)'}; "
+                           "pass --x-key NAME to say which one holds the inputs")
+    info = infos.get(_member_key(member))
+    if info is None:
+        raise DatasetError(f"{path} has no member {member!r}; its members are "
+                           f"{', '.join(sorted(infos)) or '(none)'}")
+    return info
+
+
+def _stored_member_source(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: str, key: str,
+                          where: str) -> ArraySource:
+    """An uncompressed member is a plain .npy file inside the zip: find where its bytes start.
+
+    The local header is read rather than trusted from the central directory, because its
+    extra field (zip64 sizes, for one) can differ in length.
+    """
+    fp = zf.fp
+    assert fp is not None
+    fp.seek(info.header_offset)
+    magic, *_, name_len, extra_len = _ZIP_LOCAL_HEADER.unpack(fp.read(_ZIP_LOCAL_HEADER.size))
+    if magic != _ZIP_LOCAL_MAGIC:
+        raise zipfile.BadZipFile(f"bad local header for {info.filename}")
+    member_start = info.header_offset + _ZIP_LOCAL_HEADER.size + name_len + extra_len
+    fp.seek(member_start)
+    shape, fortran, dtype = _parse_header(fp, where)
+    offset = fp.tell()
+    src = ArraySource(path, key, offset, dtype.str, shape, fortran, compressed=False)
+    _check_length(src, info.file_size, offset - member_start, where)
+    fp.seek(0, os.SEEK_END)
+    _check_length(src, fp.tell(), offset, where)
+    return src
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def expand_files(pattern: str, option: str = "--data") -> list[str]:
+    """A folder means its .npy/.npz files; anything else is a glob (`**` recurses)."""
+    if os.path.isdir(pattern):
+        with os.scandir(pattern) as entries:
+            found = sorted(e.path for e in entries
+                           if e.name.endswith((".npy", ".npz")) and e.is_file())
+        if not found:
+            raise DatasetError(
+                f"{option} folder {pattern!r} has no .npy or .npz files directly inside")
+        return found
+    found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    if not found:
+        raise DatasetError(f"{option} {pattern!r} matches no files: check the path, and quote the "
+                           "glob in the shell (e.g. 'data/*.npy') so npyloader expands it")
+    return found
+
+
+def _data_files(patterns: tuple[str, ...]) -> list[str]:
+    seen: set[str] = set()
+    files = []
+    for pattern in patterns:
+        for path in expand_files(pattern):
+            key = os.path.abspath(path)
+            if key not in seen:
+                seen.add(key)
+                files.append(path)
+    return files
+
+
+def _sources(paths: list[str], key: str | None) -> list[ArraySource]:
+    return [read_source(p, key if _is_npz(p) else None) for p in paths]
+
+
+def _pair_files(inputs: list[str], targets: list[str]) -> list[tuple[str, str]]:
+    """Match by stem when both sides have the same unique stems; else by sorted order."""
+    in_stems = [Path(p).stem for p in inputs]
+    tg_stems = {Path(p).stem: p for p in targets}
+    unique = len(set(in_stems)) == len(inputs) and len(tg_stems) == len(targets)
+    if unique and set(in_stems) == set(tg_stems):
+        return [(p, tg_stems[s]) for p, s in zip(inputs, in_stems)]
+    if len(inputs) != len(targets):
+        raise DatasetError(f"{len(inputs)} input files but {len(targets)} --targets files, and their "
+                           "names do not match one to one: give one target file per input file")
+    return list(zip(inputs, targets))
+
+
+def _check_consistent(sources: list[ArraySource], per_sample_shape: bool, role: str) -> None:
+    """Every file must look like the first, so one SampleSpec describes every sample."""
+    first = sources[0]
+    for src in sources[1:]:
+        if src.dtype != first.dtype:
+            raise DatasetError(
+                f"{src.where} has dtype {np.dtype(src.dtype)} but {first.where} has "
+                f"{np.dtype(first.dtype)}: all {role} files must share one dtype; convert with astype")
+        a, b = (src.shape, first.shape) if per_sample_shape else (src.shape[1:], first.shape[1:])
+        if a != b:
+            raise DatasetError(f"{src.where} has samples of shape {a} but {first.where} has {b}: "
+                               f"all {role} files must share one sample shape")
+
+
+def _require_rows(sources: list[ArraySource]) -> None:
+    for src in sources:
+        if not src.shape:
+            raise DatasetError(f"{src.where} holds a single 0-d value, not rows of samples: "
+                               "use --layout per-sample, or save an array of shape (rows, ...)")
+
+
+def _row_starts(sources: list[ArraySource]) -> tuple[int, ...]:
+    starts = [0]
+    for src in sources:
+        starts.append(starts[-1] + src.shape[0])
+    return tuple(starts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts
+
+
+@dataclass
+class _Layout:
+    """What a layout builder found, before x_shape and the spec are derived."""
+
+    x_sources: list[ArraySource]
+    x_sample_shape: tuple[int, ...]
+    row_starts: tuple[int, ...]
+    y_sources: list[ArraySource] | None = None
+    labels: ArraySource | None = None
+    label_column: int | None = None
+    y_dtype: str | None = None
+    y_shape: tuple[int, ...] | None = None
+    image_targets: bool = False  # y is a whole array per sample (paired, per-sample targets)
+
+
+def build_index(cfg: DatasetConfig) -> DatasetIndex:
+    """Index a dataset from headers alone, refusing at startup anything a worker would trip on."""
+    _check_options(cfg)
+    files = _data_files(cfg.data)
+    builders = {"combined": _combined, "paired": _paired, "per-sample": _per_sample}
+    found = builders[cfg.layout](cfg, files)
+    num_samples = found.row_starts[-1]
+    if num_samples == 0:
+        raise DatasetError(f"dataset '{cfg.name}': its {len(files)} files hold no samples (0 rows)")
+    x_shape = _final_x_shape(cfg.x_shape, found.x_sample_shape, found.x_sources[0].where)
+    spatial = found.image_targets and _same_plane(x_shape, found.y_shape)
+    spec = SampleSpec(found.x_sources[0].dtype, x_shape, found.y_dtype, found.y_shape, spatial)
+    index = DatasetIndex(
+        name=cfg.name, layout=cfg.layout, num_samples=num_samples, spec=spec,
+        x_sources=tuple(found.x_sources), row_starts=found.row_starts,
+        y_sources=tuple(found.y_sources) if found.y_sources is not None else None,
+        labels=found.labels, label_column=found.label_column, x_shape=cfg.x_shape,
+        file_sizes=_file_sizes(found),
+    )
+    log.info("dataset '%s': %d samples from %d files (%s), x %s %s", cfg.name, num_samples,
+             len(files), cfg.layout, spec.x_dtype, spec.x_shape)
+    return index
+
+
+def _check_options(cfg: DatasetConfig) -> None:
+    where = f"dataset '{cfg.name}'"
+    if cfg.layout == "combined" and cfg.targets is not None:
+        raise ConfigError(f"{where}: --targets only applies to --layout paired or per-sample")
+    if cfg.layout == "combined" and cfg.y_key is not None:
+        raise ConfigError(f"{where}: --y-key only applies to --layout paired or per-sample; "
+                          "for combined files use --label-column")
+
+
+def _file_sizes(found: _Layout) -> tuple[tuple[str, int], ...]:
+    sources = found.x_sources + (found.y_sources or []) + ([found.labels] if found.labels else [])
+    paths = list(dict.fromkeys(src.path for src in sources))
+    try:
+        return tuple((p, os.stat(p).st_size) for p in paths)
+    except OSError as e:
+        raise DatasetError(
+            f"cannot read {e.filename}: {e.strerror}; it vanished while indexing") from e
+
+
+def _same_plane(x_shape: tuple[int, ...], y_shape: tuple[int, ...] | None) -> bool:
+    """Geometric augmentation can move y with x only if y spans the same (H, W) as x."""
+    return y_shape is not None and len(x_shape) >= 2 and y_shape[:2] == x_shape[:2]
+
+
+def _final_x_shape(x_shape: tuple[int, ...] | None, natural: tuple[int, ...],
+                   where: str) -> tuple[int, ...]:
+    if x_shape is None:
+        return natural
+    if math.prod(x_shape) != math.prod(natural):
+        raise DatasetError(
+            f"{where}: --x-shape {x_shape} has {math.prod(x_shape)} elements but its samples have "
+            f"{math.prod(natural)} (shape {natural}): pick a shape with the same number of elements")
+    return tuple(x_shape)
+
+
+def _combined(cfg: DatasetConfig, files: list[str]) -> _Layout:
+    sources = _sources(files, cfg.x_key)
+    _require_rows(sources)
+    _check_consistent(sources, per_sample_shape=False, role="data")
+    first = sources[0]
+    if cfg.label_column is None:
+        return _Layout(sources, first.shape[1:], _row_starts(sources))
+    if len(first.shape) != 2:
+        raise DatasetError(f"{first.where} has shape {first.shape}; --label-column needs 2-D files "
+                           "of shape (rows, columns)")
+    cols = first.shape[1]
+    column = cfg.label_column + cols if cfg.label_column < 0 else cfg.label_column
+    if not 0 <= column < cols:
+        raise DatasetError(f"--label-column {cfg.label_column} is out of range for {first.where}, "
+                           f"which has {cols} columns (valid: {-cols}..{cols - 1})")
+    return _Layout(sources, (cols - 1,), _row_starts(sources), label_column=column,
+                   y_dtype=first.dtype, y_shape=())
+
+
+def _paired(cfg: DatasetConfig, files: list[str]) -> _Layout:
+    x_sources, y_sources = _with_targets(cfg, files)
+    _require_rows(x_sources + y_sources)
+    _check_consistent(x_sources, per_sample_shape=False, role="input")
+    _check_consistent(y_sources, per_sample_shape=False, role="target")
+    for x, y in zip(x_sources, y_sources):
+        if x.shape[0] != y.shape[0]:
+            raise DatasetError(f"{x.where} has {x.shape[0]} rows but its target {y.where} has "
+                               f"{y.shape[0]}: paired files must have the same number of rows")
+    return _Layout(x_sources, x_sources[0].shape[1:], _row_starts(x_sources), y_sources=y_sources,
+                   y_dtype=y_sources[0].dtype, y_shape=y_sources[0].shape[1:], image_targets=True)
+
+
+def _with_targets(cfg: DatasetConfig,
+                  files: list[str]) -> tuple[list[ArraySource], list[ArraySource]]:
+    """Targets come from --targets files, or from --y-key members of the inputs' own archives."""
+    if cfg.targets is not None:
+        pairs = _pair_files(files, expand_files(cfg.targets, "--targets"))
+        inputs, targets = zip(*pairs)
+        return _sources(list(inputs), cfg.x_key), _sources(list(targets), cfg.y_key)
+    for path in files:
+        if not _is_npz(path):
+            raise DatasetError(f"{path} is a .npy file but --y-key names a member of a .npz archive: "
+                               "pass --targets GLOB for separate target files")
+    return _sources(files, cfg.x_key), _sources(files, cfg.y_key)
+
+
+def _per_sample(cfg: DatasetConfig, files: list[str]) -> _Layout:
+    starts = tuple(range(len(files) + 1))
+    if cfg.targets is not None or (cfg.y_key is not None and cfg.labels is None):
+        x_sources, y_sources = _with_targets(cfg, files)
+        _check_consistent(x_sources, per_sample_shape=True, role="sample")
+        _check_consistent(y_sources, per_sample_shape=True, role="target")
+        return _Layout(x_sources, x_sources[0].shape, starts, y_sources=y_sources,
+                       y_dtype=y_sources[0].dtype, y_shape=y_sources[0].shape, image_targets=True)
+    x_sources = _sources(files, cfg.x_key)
+    _check_consistent(x_sources, per_sample_shape=True, role="sample")
+    layout = _Layout(x_sources, x_sources[0].shape, starts)
+    if cfg.labels is not None:
+        layout.labels = _labels_source(cfg.labels, cfg.y_key, len(files))
+        layout.y_dtype, layout.y_shape = layout.labels.dtype, layout.labels.shape[1:]
+    return layout
+
+
+def _labels_source(path: str, key: str | None, num_files: int) -> ArraySource:
+    labels = read_source(path, key if _is_npz(path) else None)
+    rows = labels.shape[0] if labels.shape else 0
+    if rows != num_files:
+        raise DatasetError(f"--labels {labels.where} has {rows} entries but there are {num_files} "
+                           "sample files: give one label per file, in sorted file order")
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+class _Mapped:
+    """One open array: a memory map we own, so we can check its file has not shrunk before
+    touching it (touching pages past the end of a truncated file kills the process with SIGBUS)."""
+
+    def __init__(self, src: ArraySource) -> None:
+        self.needed = src.offset + src.nbytes
+        start = src.offset - src.offset % mmap.ALLOCATIONGRANULARITY
+        with open(src.path, "rb") as f:
+            self.mm = mmap.mmap(f.fileno(), self.needed - start, access=mmap.ACCESS_READ,
+                                offset=start)
+        order = "F" if src.fortran_order else "C"
+        self.array: np.ndarray | None = np.ndarray(
+            src.shape, np.dtype(src.dtype), buffer=self.mm, offset=src.offset - start, order=order)
+
+    def get(self) -> np.ndarray:
+        if self.mm.size() < self.needed:
+            raise OSError(f"file shrank to {self.mm.size()} bytes, {self.needed} needed")
+        assert self.array is not None
+        return self.array
+
+    def close(self) -> None:
+        self.array = None
+        try:
+            self.mm.close()
+        except BufferError:
+            pass  # a view survives (say, in a traceback's frame); the map closes when it is freed
+
+
+class _Loaded:
+    """An array held in memory: a deflated .npz member cannot be mapped, so it is decompressed
+    once and kept; an empty array has nothing to map."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    @classmethod
+    def decompress(cls, src: ArraySource) -> _Loaded:
+        with zipfile.ZipFile(src.path) as zf:
+            info = _zip_member(zf, src.path, src.member)
+            with zf.open(info) as f:
+                return cls(npy_format.read_array(f, allow_pickle=False))
+
+    def get(self) -> np.ndarray:
+        return self.array
+
+    def close(self) -> None:
+        """Nothing to release early: the memory goes with this object."""
+
+
+class SampleReader:
+    """Opened once per worker process; keeps an LRU of open maps so 100k files never exhaust
+    file descriptors (each map holds one)."""
+
+    def __init__(self, index: DatasetIndex, max_open: int = DEFAULT_MAX_OPEN) -> None:
+        self.index = index
+        self.max_open = max(1, max_open)
+        self._starts = np.asarray(index.row_starts, dtype=np.int64)
+        self._open: OrderedDict[tuple[str, str | None], _Mapped | _Loaded] = OrderedDict()
+        self._warned: set[str] = set()
+
+    def locate(self, sample_id: int) -> tuple[str, int]:
+        """(file path, row) of a sample, for messages like 'sample 1234 (data/3.npy row 17)'."""
+        file_no, row = self._position(sample_id)
+        return self.index.x_sources[file_no].path, row
+
+    def read(self, sample_id: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Copy one sample out of its file(s), so no caller can hold a map open or write into it."""
+        file_no, row = self._position(sample_id)
+        src = self.index.x_sources[file_no]
+        try:
+            return self._read(file_no, row)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise DatasetError(f"sample {sample_id} ({src.where} row {row}): cannot read: {e}; "
+                               "was the file changed or removed after the server started?") from e
+
+    def close(self) -> None:
+        while self._open:
+            _, opened = self._open.popitem(last=False)
+            opened.close()
+
+    def __enter__(self) -> SampleReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _position(self, sample_id: int) -> tuple[int, int]:
+        if not 0 <= sample_id < self.index.num_samples:
+            raise IndexError(f"sample {sample_id} is out of range for dataset '{self.index.name}' "
+                             f"with {self.index.num_samples} samples")
+        file_no = int(np.searchsorted(self._starts, sample_id, side="right")) - 1
+        return file_no, sample_id - int(self._starts[file_no])
+
+    def _read(self, file_no: int, row: int) -> tuple[np.ndarray, np.ndarray | None]:
+        index = self.index
+        per_sample = index.layout == "per-sample"
+        data = self._array(index.x_sources[file_no])
+        x = np.array(data if per_sample else data[row])
+        y = None
+        if index.label_column is not None:
+            y = np.array(x[index.label_column])
+            x = np.delete(x, index.label_column)
+        elif index.y_sources is not None:
+            target = self._array(index.y_sources[file_no])
+            y = np.array(target if per_sample else target[row])
+        elif index.labels is not None:
+            y = np.array(self._array(index.labels)[file_no])
+        return x.reshape(index.spec.x_shape), y
+
+    def _array(self, src: ArraySource) -> np.ndarray:
+        key = (src.path, src.member)
+        opened = self._open.get(key)
+        if opened is None:
+            opened = self._load(src)
+            self._open[key] = opened
+            if len(self._open) > self.max_open:
+                self._open.popitem(last=False)[1].close()
+        else:
+            self._open.move_to_end(key)
+        return opened.get()
+
+    def _load(self, src: ArraySource) -> _Mapped | _Loaded:
+        if src.nbytes == 0:
+            return _Loaded(np.empty(src.shape, np.dtype(src.dtype)))
+        if not src.compressed:
+            return _Mapped(src)
+        if src.path not in self._warned:
+            self._warned.add(src.path)
+            log.warning("%s is a compressed .npz, so each worker decompresses it fully into "
+                        "memory; save it with np.savez (not savez_compressed) to memory-map it",
+                        src.path)
+        return _Loaded.decompress(src)
