@@ -1,0 +1,109 @@
+"""RemoteSequence: a keras.utils.PyDataset whose batches come from an npyloader server.
+
+Prefetch follows Keras's own order. Keras 3's PyDatasetAdapter, given `workers > 1`, runs an
+OrderedEnqueuer whose threads call `__getitem__` in the order it chose (shuffled each epoch
+under `fit(shuffle=True)`), up to `max_queue_size` ahead. RemoteSequence sets both to its
+prefetch depth, so that many requests are always outstanding, in exactly the order training
+will consume them; the threads merely wait while the server's worker processes do the work.
+Sequential reads (predict, evaluate, `as_tf_dataset`) also request ahead by index.
+
+The training process never forks: `use_multiprocessing=True` is refused, since the work it
+would move out of the process already happens in the server.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+
+from loader_client.stream import Batch, Connection
+
+PREFETCH_BYTES = 512 << 20
+MAX_DEFAULT_PREFETCH = 16
+
+
+def default_prefetch(batch_bytes: int) -> int:
+    """Deep enough to hide latency, shallow enough that buffered batches stay near 512 MiB."""
+    return max(2, min(MAX_DEFAULT_PREFETCH, PREFETCH_BYTES // max(batch_bytes, 1)))
+
+
+class RemoteSequence(keras.utils.PyDataset):
+    """Batches of one dataset served at `url`; `len()` is the number of batches per epoch.
+
+    `seq[i]` is batch i of the current epoch, `(x, y)` (or `x` for datasets without targets);
+    `on_epoch_end()` (Keras calls it) moves to the next epoch. `shard=(rank, world)` gives each
+    of `world` trainers a disjoint slice of every epoch.
+    """
+
+    def __init__(self, url: str, dataset: str = "train", timeout: float = 30.0,
+                 prefetch: int | None = None, shard: tuple[int, int] | None = None,
+                 epoch: int = 0, **kwargs: Any) -> None:
+        if kwargs.pop("use_multiprocessing", False):
+            raise ValueError(
+                "RemoteSequence(use_multiprocessing=True) would fork the training process; "
+                "loading already runs in the server's worker processes, so leave it off")
+        if prefetch is not None and prefetch < 1:
+            raise ValueError(f"prefetch must be at least 1, got {prefetch}")
+        self._conn = Connection(url, dataset, timeout=timeout, shard=shard)
+        info = self._conn.info
+        batch_bytes = sum(info.batch_size * int(np.prod(s)) * np.dtype(d).itemsize for _, d, s in info.specs)
+        self.prefetch = prefetch or default_prefetch(batch_bytes)
+        kwargs.setdefault("workers", self.prefetch)
+        kwargs.setdefault("max_queue_size", self.prefetch)
+        super().__init__(use_multiprocessing=False, **kwargs)
+        self._conn.callers = max(1, self.workers)
+        self.url = url
+        self.dataset = dataset
+        self.epoch = epoch
+        self._last_index = -2
+
+    def __len__(self) -> int:
+        return self._conn.info.batches
+
+    def __getitem__(self, index: int) -> Batch | np.ndarray:
+        n = len(self)
+        if not 0 <= index < n:
+            raise IndexError(f"batch {index} is out of range: '{self.dataset}' has {n} batches per epoch")
+        if index == self._last_index + 1:
+            ahead = range(index, min(n, index + 1 + self.prefetch))
+            self._conn.request(self.epoch, list(ahead))
+        self._last_index = index
+        batch = self._conn.get(self.epoch, index)
+        return batch if len(batch) > 1 else batch[0]
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+        self._last_index = -2
+        self._conn.cancel_other_epochs(self.epoch)
+
+    def stats(self) -> dict[str, Any]:
+        """How much data arrived, and `wait_s`: the wall time during which no batch was ready
+        for Keras (all of its loader threads were blocked on the network)."""
+        c = self._conn
+        return {"batches": c.batches, "bytes": c.bytes, "wait_s": c.wait_s, "epoch": self.epoch,
+                "reconnects": c.reconnects}
+
+    def as_tf_dataset(self) -> Any:
+        """A tf.data.Dataset of this stream; each full iteration is one epoch, then the next."""
+        import tensorflow as tf
+
+        specs = tuple(tf.TensorSpec((None, *shape), tf.as_dtype(np.dtype(dtype)))
+                      for _, dtype, shape in self._conn.info.specs)
+
+        def one_epoch():
+            for i in range(len(self)):
+                yield self[i]
+            self.on_epoch_end()
+
+        return tf.data.Dataset.from_generator(one_epoch, output_signature=specs if len(specs) > 1 else specs[0])
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> RemoteSequence:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

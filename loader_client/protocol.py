@@ -1,0 +1,234 @@
+"""The wire contract between clients, the server and workers: message types, schemas, framing.
+
+A message is a ZeroMQ multipart `[header, frame_0, frame_1, ...]`. The header is a msgpack
+map with the protocol version `v`, a `type` and that type's fields; each array travels as its
+own raw frame, described in the header's `arrays` list as `[name, dtype, shape]`, so arrays
+are sent with `copy=False` and read back with `np.frombuffer`, never copied or serialised.
+
+Everything received is untrusted: `decode` checks the header against the schema of its type,
+allows only plain numeric and bool dtypes, checks that each frame's length matches its declared
+shape, and raises `ProtocolError` otherwise. msgpack's extension types are refused and nothing
+here ever calls pickle (msgpack-numpy's decoder would, which is why it is not used).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+
+VERSION = 1
+
+MAX_HEADER_BYTES = 64 * 1024
+MAX_REQUEST_BYTES = 1 << 20
+MAX_ARRAYS = 8
+MAX_NDIM = 8
+MAX_ARRAY_BYTES = 1 << 31
+MAX_CREDIT = 1024
+MAX_NAME = 128
+
+ALLOWED_DTYPES = frozenset(
+    np.dtype(t).str
+    for t in (
+        "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+        "float16", "float32", "float64", "complex64", "complex128",
+    )
+)
+
+
+class ProtocolError(ValueError):
+    """A received message does not follow the contract; the message says which rule it broke."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decoded, validated message: its header fields and its arrays (views on the frames)."""
+
+    type: str
+    fields: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+    def __getitem__(self, key: str) -> Any:
+        return self.fields[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(key, default)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _nonneg_int(v: Any) -> bool:
+    return _is_int(v) and 0 <= v < 1 << 62
+
+
+def _name(v: Any) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= MAX_NAME
+
+
+def _shard(v: Any) -> bool:
+    return v is None or (
+        isinstance(v, list) and len(v) == 2 and all(_nonneg_int(x) for x in v) and v[0] < v[1]
+    )
+
+
+def _index_list(v: Any) -> bool:
+    return isinstance(v, list) and 0 < len(v) <= MAX_CREDIT and all(_nonneg_int(x) for x in v)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+
+
+def _text(v: Any) -> bool:
+    return isinstance(v, str) and len(v) <= 16 * 1024
+
+
+def _any_map(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+def _spec_list(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= MAX_ARRAYS and all(
+        isinstance(s, list) and len(s) == 3 and _name(s[0]) and s[1] in ALLOWED_DTYPES
+        and isinstance(s[2], list) and len(s[2]) <= MAX_NDIM and all(_nonneg_int(d) for d in s[2])
+        for s in v
+    )
+
+
+Check = Callable[[Any], bool]
+
+# Required fields of each message type and what each must look like. Optional fields are
+# listed with a trailing "?". Unknown fields are ignored, so a newer peer can add some.
+SCHEMAS: dict[str, dict[str, Check]] = {
+    # client -> server
+    "hello": {"dataset": _name, "shard?": _shard},
+    "request": {"epoch": _nonneg_int, "batches": _index_list, "wait_s?": _number},
+    "cancel": {"keep_epoch": _nonneg_int},
+    "ping": {},
+    "stats": {},
+    "bye": {},
+    # server -> client
+    "welcome": {
+        "dataset": _name, "num_samples": _nonneg_int, "batch_size": _nonneg_int,
+        "batches": _nonneg_int, "specs": _spec_list,
+    },
+    "batch": {"epoch": _nonneg_int, "index": _nonneg_int},
+    "pong": {},
+    "stats_reply": {"stats": _any_map},
+    "error": {"code": _name, "message": _text, "epoch?": _nonneg_int, "index?": _nonneg_int},
+    # broker <-> worker
+    "ready": {"worker": _nonneg_int, "pid": _nonneg_int, "host": _text},
+    "task": {
+        "task": _nonneg_int, "dataset": _name, "epoch": _nonneg_int, "index": _nonneg_int,
+        "slot": _nonneg_int, "shard?": _shard,
+    },
+    "done": {"task": _nonneg_int, "rows": _nonneg_int, "busy_s": _number},
+    "failed": {"task": _nonneg_int, "message": _text},
+    "stop": {},
+}
+
+
+def _check_fields(mtype: str, header: dict[str, Any]) -> None:
+    for key, check in SCHEMAS[mtype].items():
+        optional = key.endswith("?")
+        key = key.rstrip("?")
+        if key not in header:
+            if optional:
+                continue
+            raise ProtocolError(f"'{mtype}' message lacks field '{key}'")
+        if not check(header[key]):
+            raise ProtocolError(f"'{mtype}' message has an invalid '{key}': {header[key]!r:.80}")
+
+
+def encode(mtype: str, fields: dict[str, Any] | None = None,
+           arrays: Sequence[tuple[str, np.ndarray]] = ()) -> list[Any]:
+    """Build the frames of a message. Array frames are the arrays' own buffers (no copy)."""
+    header: dict[str, Any] = {"v": VERSION, "type": mtype}
+    if fields:
+        header.update(fields)
+    frames: list[Any] = []
+    if arrays:
+        specs = []
+        for name, arr in arrays:
+            arr = np.ascontiguousarray(arr)
+            specs.append([name, arr.dtype.str, list(arr.shape)])
+            frames.append(memoryview(arr).cast("B") if arr.nbytes else b"")
+        header["arrays"] = specs
+    return [msgpack.packb(header, use_bin_type=True), *frames]
+
+
+def encode_header(mtype: str, fields: dict[str, Any], specs: Sequence[tuple[str, str, tuple[int, ...]]]) -> bytes:
+    """A header for arrays whose frames the caller supplies (e.g. views on shared memory)."""
+    header = {"v": VERSION, "type": mtype, **fields,
+              "arrays": [[n, d, list(s)] for n, d, s in specs]}
+    return msgpack.packb(header, use_bin_type=True)
+
+
+def _unpack_header(raw: bytes | memoryview) -> dict[str, Any]:
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(raw)} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+    try:
+        header = msgpack.unpackb(
+            raw, raw=False, strict_map_key=True, use_list=True,
+            max_str_len=MAX_HEADER_BYTES, max_bin_len=MAX_HEADER_BYTES, ext_hook=_refuse_ext,
+        )
+    except ProtocolError:
+        raise
+    except Exception as e:  # msgpack raises several unrelated types for bad input
+        raise ProtocolError(f"header is not valid msgpack: {type(e).__name__}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
+    return header
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"msgpack extension type {code} is not allowed")
+
+
+def decode(frames: Sequence[Any], allowed: frozenset[str] | None = None) -> Message:
+    """Validate and decode received frames (bytes or zmq.Frame). Raises ProtocolError."""
+    if not frames:
+        raise ProtocolError("empty message")
+    header = _unpack_header(_buffer(frames[0]))
+    if header.get("v") != VERSION:
+        raise ProtocolError(f"protocol version {header.get('v')!r} is not supported (this side speaks {VERSION})")
+    mtype = header.get("type")
+    if not isinstance(mtype, str) or mtype not in SCHEMAS:
+        raise ProtocolError(f"unknown message type {mtype!r:.40}")
+    if allowed is not None and mtype not in allowed:
+        raise ProtocolError(f"message type '{mtype}' is not accepted here")
+    _check_fields(mtype, header)
+    arrays = _decode_arrays(header, frames[1:])
+    fields = {k: v for k, v in header.items() if k not in ("v", "type", "arrays")}
+    return Message(mtype, fields, arrays)
+
+
+def _buffer(frame: Any) -> memoryview:
+    return frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+
+
+def _decode_arrays(header: dict[str, Any], frames: Sequence[Any]) -> dict[str, np.ndarray]:
+    specs = header.get("arrays", [])
+    if not _spec_list(specs):
+        raise ProtocolError("'arrays' must list [name, dtype, shape] with plain numeric dtypes")
+    if len(specs) != len(frames):
+        raise ProtocolError(f"header describes {len(specs)} arrays but {len(frames)} frames followed")
+    arrays = {}
+    for (name, dtype, shape), frame in zip(specs, frames):
+        dt = np.dtype(dtype)
+        count = 1
+        for d in shape:
+            count *= d
+        nbytes = count * dt.itemsize
+        if nbytes > MAX_ARRAY_BYTES:
+            raise ProtocolError(f"array '{name}' declares {nbytes} bytes, over the {MAX_ARRAY_BYTES} limit")
+        buf = _buffer(frame)
+        if len(buf) != nbytes:
+            raise ProtocolError(f"array '{name}' declares {nbytes} bytes but its frame has {len(buf)}")
+        arrays[name] = np.frombuffer(buf, dtype=dt).reshape(shape)
+    return arrays
