@@ -1,0 +1,383 @@
+"""The broker: routes batch requests from clients to workers and finished batches back.
+
+Clients ask for specific (epoch, batch) pairs; each request is one unit of credit, and the
+broker never sends a client more than it asked for. Requests wait in a per-client queue and
+are dispatched round-robin across clients, so a train and a val stream (or two trainers)
+share the pool fairly. A worker fills a shared-memory slot; the broker sends that slot to
+the client with `copy=False` and frees it once ZeroMQ has let go of it. A batch whose worker
+died is put back at the front of its client's queue, so it is redone: never lost, never sent
+twice. The broker's own work per batch is a few dictionary operations and one send.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import zmq
+
+from loader_client import protocol
+from loader_server.dataset import DatasetIndex
+from loader_server.pool import LocalPool
+from loader_server.sampler import Plan
+from loader_server.slots import SlotPool
+
+log = logging.getLogger(__name__)
+
+TASKS_PER_WORKER = 2
+IDLE_POLL_MS = 100
+BUSY_POLL_MS = 2
+CLIENT_MESSAGES = frozenset({"hello", "request", "cancel", "ping", "stats", "bye"})
+WORKER_MESSAGES = frozenset({"ready", "done", "failed"})
+
+
+@dataclass
+class ServedDataset:
+    name: str
+    index: DatasetIndex
+    plan: Plan
+    slots: SlotPool
+
+    def plan_for(self, shard: list[int] | None) -> Plan:
+        return self.plan.for_shard(shard)
+
+
+@dataclass
+class Client:
+    identity: bytes
+    dataset: ServedDataset
+    plan: Plan
+    pending: deque[tuple[int, int]] = field(default_factory=deque)
+    wanted: set[tuple[int, int]] = field(default_factory=set)
+    batches: int = 0
+    bytes: int = 0
+    wait_s: float = 0.0
+    since: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Task:
+    id: int
+    client: bytes
+    dataset: ServedDataset
+    epoch: int
+    index: int
+    slot: int
+    worker: bytes
+
+
+@dataclass
+class Worker:
+    identity: bytes
+    worker_id: int
+    pid: int
+    host: str
+    tasks: dict[int, Task] = field(default_factory=dict)
+    batches: int = 0
+    busy_s: float = 0.0
+
+
+class Broker:
+    def __init__(self, datasets: dict[str, ServedDataset], clients_sock: zmq.Socket,
+                 workers_sock: zmq.Socket, pool: LocalPool) -> None:
+        self.datasets = datasets
+        self.csock = clients_sock
+        self.wsock = workers_sock
+        self.pool = pool
+        self.clients: dict[bytes, Client] = {}
+        self.workers: dict[bytes, Worker] = {}
+        self._runnable: deque[bytes] = deque()
+        self._sending: list[tuple[zmq.MessageTracker, SlotPool, int]] = []
+        self._task_ids = 0
+        self._started = time.monotonic()
+        self.batches_sent = 0
+        self.bytes_sent = 0
+        self.requeued = 0
+        self.rejected: Counter[str] = Counter()
+
+    def run(self, should_stop: Callable[[], bool]) -> None:
+        poller = zmq.Poller()
+        poller.register(self.csock, zmq.POLLIN)
+        poller.register(self.wsock, zmq.POLLIN)
+        while not should_stop():
+            waiting_for_slots = bool(self._sending) and bool(self._runnable)
+            events = dict(poller.poll(BUSY_POLL_MS if waiting_for_slots else IDLE_POLL_MS))
+            if self.wsock in events:
+                self._drain(self.wsock, self._on_worker)
+            if self.csock in events:
+                self._drain(self.csock, self._on_client)
+            for worker_id in self.pool.reap():
+                self._worker_died(worker_id)
+            self._release_sent()
+            self._dispatch()
+
+    def stop_workers(self) -> None:
+        for w in self.workers.values():
+            self._send_worker(w, protocol.encode("stop"))
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def _drain(self, sock: zmq.Socket, handle: Callable[[list[zmq.Frame]], None]) -> None:
+        for _ in range(256):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            handle(frames)
+
+    def _on_client(self, frames: list[zmq.Frame]) -> None:
+        identity = frames[0].bytes
+        try:
+            msg = protocol.decode(frames[1:], allowed=CLIENT_MESSAGES)
+        except protocol.ProtocolError as e:
+            self.rejected[_reason(e)] += 1
+            log.warning("rejected a malformed message from client %s: %s", identity.hex(), e)
+            self._error(identity, "bad_message", str(e))
+            return
+        getattr(self, f"_client_{msg.type}")(identity, msg)
+
+    def _client_hello(self, identity: bytes, msg: protocol.Message) -> None:
+        ds = self.datasets.get(msg["dataset"])
+        if ds is None:
+            self._error(identity, "unknown_dataset",
+                        f"unknown dataset '{msg['dataset']}'; this server has: {', '.join(self.datasets)}")
+            return
+        self._drop_client(identity)
+        plan = ds.plan_for(msg.get("shard"))
+        self.clients[identity] = Client(identity, ds, plan)
+        log.info("client %s joined dataset '%s' (shard %s)", identity.hex(), ds.name, msg.get("shard"))
+        self._send_client(identity, protocol.encode("welcome", {
+            "dataset": ds.name, "num_samples": plan.shard_size, "batch_size": plan.batch_size,
+            "batches": plan.num_batches,
+            "specs": [[a.name, a.dtype, list(a.sample_shape)] for a in ds.slots.layout.arrays],
+        }))
+
+    def _client_request(self, identity: bytes, msg: protocol.Message) -> None:
+        client = self._known(identity)
+        if client is None:
+            return
+        client.wait_s = float(msg.get("wait_s", client.wait_s))
+        epoch, n = msg["epoch"], client.plan.num_batches
+        for index in msg["batches"]:
+            key = (epoch, index)
+            if index >= n:
+                self._error(identity, "out_of_range",
+                            f"batch {index} is out of range: an epoch of '{client.dataset.name}' has {n} batches",
+                            epoch=epoch, index=index)
+            elif key in client.wanted:
+                continue
+            elif len(client.wanted) >= protocol.MAX_CREDIT:
+                self._error(identity, "credit_exceeded",
+                            f"more than {protocol.MAX_CREDIT} batches outstanding; wait for some before asking for more",
+                            epoch=epoch, index=index)
+            else:
+                client.wanted.add(key)
+                client.pending.append(key)
+        if client.pending and identity not in self._runnable:
+            self._runnable.append(identity)
+
+    def _client_cancel(self, identity: bytes, msg: protocol.Message) -> None:
+        client = self._known(identity)
+        if client is None:
+            return
+        keep = msg["keep_epoch"]
+        dropped = [k for k in client.pending if k[0] != keep]
+        client.pending = deque(k for k in client.pending if k[0] == keep)
+        client.wanted.difference_update(dropped)
+
+    def _client_ping(self, identity: bytes, msg: protocol.Message) -> None:
+        if self._known(identity) is not None:
+            self._send_client(identity, protocol.encode("pong"))
+
+    def _client_stats(self, identity: bytes, msg: protocol.Message) -> None:
+        self._send_client(identity, protocol.encode("stats_reply", {"stats": self.stats()}))
+
+    def _client_bye(self, identity: bytes, msg: protocol.Message) -> None:
+        self._drop_client(identity)
+
+    def _known(self, identity: bytes) -> Client | None:
+        client = self.clients.get(identity)
+        if client is None:
+            self._error(identity, "unknown_client", "this server has no session for you; send hello first")
+        return client
+
+    def _on_worker(self, frames: list[zmq.Frame]) -> None:
+        identity = frames[0].bytes
+        try:
+            msg = protocol.decode(frames[1:], allowed=WORKER_MESSAGES)
+        except protocol.ProtocolError as e:
+            self.rejected[_reason(e)] += 1
+            log.error("rejected a malformed message from worker %r: %s", identity, e)
+            return
+        if msg.type == "ready":
+            self.workers[identity] = Worker(identity, msg["worker"], msg["pid"], msg["host"])
+            log.info("worker %d (pid %d) ready", msg["worker"], msg["pid"])
+            return
+        worker = self.workers.get(identity)
+        task = worker.tasks.pop(msg["task"], None) if worker else None
+        if task is None:
+            return  # a batch already requeued when its worker was declared dead
+        if msg.type == "done":
+            worker.batches += 1
+            worker.busy_s += msg["busy_s"]
+            self._deliver(task, msg["rows"])
+        else:
+            task.dataset.slots.release(task.slot)
+            self._finish(task)
+            self._error(task.client, "batch_failed", msg["message"], epoch=task.epoch, index=task.index)
+
+    # -- dispatching and delivering ----------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        for _ in range(len(self._runnable)):
+            worker = self._least_busy_worker()
+            if worker is None:
+                return
+            identity = self._runnable.popleft()
+            client = self.clients.get(identity)
+            if client is None or not client.pending:
+                continue
+            slot = client.dataset.slots.acquire()
+            if slot is None:
+                self._runnable.append(identity)
+                continue
+            epoch, index = client.pending.popleft()
+            self._task_ids += 1
+            task = Task(self._task_ids, identity, client.dataset, epoch, index, slot, worker.identity)
+            worker.tasks[task.id] = task
+            self._send_worker(worker, protocol.encode("task", {
+                "task": task.id, "dataset": client.dataset.name, "epoch": epoch, "index": index, "slot": slot,
+                "shard": [client.plan.rank, client.plan.world] if client.plan.world > 1 else None}))
+            if client.pending:
+                self._runnable.append(identity)
+
+    def _least_busy_worker(self) -> Worker | None:
+        best = min(self.workers.values(), key=lambda w: len(w.tasks), default=None)
+        return best if best is not None and len(best.tasks) < TASKS_PER_WORKER else None
+
+    def _deliver(self, task: Task, rows: int) -> None:
+        slots = task.dataset.slots
+        client = self.clients.get(task.client)
+        if client is None or (task.epoch, task.index) not in client.wanted:
+            slots.release(task.slot)
+            return
+        header = protocol.encode_header("batch", {"epoch": task.epoch, "index": task.index},
+                                        slots.layout.specs(rows))
+        frames = slots.layout.frames(slots.buf, task.slot, rows)
+        try:
+            tracker = self.csock.send_multipart([task.client, header, *frames],
+                                                flags=zmq.NOBLOCK, copy=False, track=True)
+        except zmq.ZMQError as e:
+            slots.release(task.slot)
+            if e.errno == errno.EHOSTUNREACH:
+                log.info("client %s is gone; dropping its session", task.client.hex())
+                self._drop_client(task.client)
+            else:
+                client.pending.appendleft((task.epoch, task.index))
+                self._mark_runnable(task.client)
+            return
+        self._sending.append((tracker, slots, task.slot))
+        self._finish(task)
+        nbytes = sum(len(f) for f in frames)
+        client.batches += 1
+        client.bytes += nbytes
+        self.batches_sent += 1
+        self.bytes_sent += nbytes
+
+    def _finish(self, task: Task) -> None:
+        client = self.clients.get(task.client)
+        if client is not None:
+            client.wanted.discard((task.epoch, task.index))
+
+    def _release_sent(self) -> None:
+        if not self._sending:
+            return
+        still = []
+        for tracker, slots, slot in self._sending:
+            if tracker.done:
+                slots.release(slot)
+            else:
+                still.append((tracker, slots, slot))
+        self._sending = still
+
+    def _worker_died(self, worker_id: int) -> None:
+        worker = next((w for w in self.workers.values() if w.worker_id == worker_id), None)
+        if worker is None:
+            return
+        del self.workers[worker.identity]
+        for task in sorted(worker.tasks.values(), key=lambda t: -t.id):
+            task.dataset.slots.release(task.slot)
+            client = self.clients.get(task.client)
+            if client is not None and (task.epoch, task.index) in client.wanted:
+                client.pending.appendleft((task.epoch, task.index))
+                self._mark_runnable(task.client)
+                self.requeued += 1
+        if worker.tasks:
+            log.warning("requeued %d batch(es) of dead worker %d", len(worker.tasks), worker_id)
+
+    def _mark_runnable(self, identity: bytes) -> None:
+        if identity not in self._runnable:
+            self._runnable.appendleft(identity)
+
+    def _drop_client(self, identity: bytes) -> None:
+        if self.clients.pop(identity, None) is not None:
+            log.info("client %s left", identity.hex())
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def _send_client(self, identity: bytes, frames: list) -> None:
+        try:
+            self.csock.send_multipart([identity, *frames], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            if e.errno == errno.EHOSTUNREACH:
+                self._drop_client(identity)
+            else:
+                log.warning("could not reply to client %s: %s", identity.hex(), e)
+
+    def _send_worker(self, worker: Worker, frames: list) -> None:
+        try:
+            self.wsock.send_multipart([worker.identity, *frames], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            log.warning("could not reach worker %d: %s", worker.worker_id, e)
+
+    def _error(self, identity: bytes, code: str, message: str, **where: int) -> None:
+        self._send_client(identity, protocol.encode("error", {"code": code, "message": message, **where}))
+
+    # -- stats -----------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        now = time.monotonic()
+        return {
+            "uptime_s": round(now - self._started, 3),
+            "datasets": {
+                name: {"samples": ds.plan.num_samples, "batches": ds.plan.num_batches,
+                       "batch_size": ds.plan.batch_size, "free_slots": ds.slots.free}
+                for name, ds in self.datasets.items()
+            },
+            "workers": {
+                "alive": self.pool.alive(), "ready": len(self.workers), "respawns": self.pool.respawns,
+                "requeued_batches": self.requeued,
+                "list": [{"id": w.worker_id, "pid": w.pid, "host": w.host, "batches": w.batches,
+                          "busy_s": round(w.busy_s, 3), "tasks": len(w.tasks)}
+                         for w in self.workers.values()],
+            },
+            "clients": [{"id": c.identity.hex(), "dataset": c.dataset.name, "batches": c.batches,
+                         "bytes": c.bytes, "wait_s": round(c.wait_s, 3), "pending": len(c.pending),
+                         "connected_s": round(now - c.since, 3)}
+                        for c in self.clients.values()],
+            "batches_served": self.batches_sent,
+            "bytes_served": self.bytes_sent,
+            "rejected": dict(self.rejected),
+        }
+
+
+def _reason(e: protocol.ProtocolError) -> str:
+    text = str(e)
+    for key in ("msgpack", "version", "unknown message type", "lacks field", "invalid", "frames", "extension", "limit"):
+        if key in text:
+            return key.replace(" ", "_")
+    return "other"

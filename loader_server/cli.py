@@ -1,0 +1,155 @@
+"""The `npyloader` command: serve, stats, demo-data.
+
+Flags are parsed into the config dataclasses here and nowhere else; any mistake a user can
+make ends as one line on stderr naming the option or file, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from loader_server.config import (
+    DEFAULT_BIND, LAYOUTS, ConfigError, DatasetConfig, ServeConfig, default_workers, load_toml, parse_shape,
+)
+
+log = logging.getLogger("npyloader")
+
+
+def _dataset_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("dataset (one dataset from flags; use --config for several)")
+    g.add_argument("--data", action="append", metavar="GLOB_OR_DIR", help="files to serve (repeatable); quote globs")
+    g.add_argument("--layout", choices=LAYOUTS, default="combined")
+    g.add_argument("--label-column", type=int, metavar="N", help="combined layout: column holding the label, e.g. -1")
+    g.add_argument("--targets", metavar="GLOB", help="paired / per-sample: target files (e.g. masks)")
+    g.add_argument("--labels", metavar="FILE.npy", help="per-sample: one label per sample file")
+    g.add_argument("--x-key", metavar="NAME", help=".npz: member holding the inputs")
+    g.add_argument("--y-key", metavar="NAME", help=".npz: member holding the targets")
+    g.add_argument("--x-shape", metavar="H,W[,C]", help="reshape each sample's features, e.g. 64,64")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--augment", action="append", default=[], metavar="OP:k=v,...",
+                   help="augmentation op, applied in order (repeatable)")
+    g.add_argument("--no-shuffle", action="store_true", help="serve samples in file order")
+    g.add_argument("--drop-remainder", action="store_true", help="drop the last partial batch of each epoch")
+    g.add_argument("--dataset", default="train", metavar="NAME", help="name clients ask for (default train)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="npyloader", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    from loader_server.augment import describe_ops
+
+    serve = sub.add_parser("serve", help="serve datasets to RemoteSequence / BatchStream clients",
+                           epilog=describe_ops(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _dataset_flags(serve)
+    serve.add_argument("--config", metavar="FILE.toml", help="several datasets: [datasets.NAME] tables")
+    serve.add_argument("--bind", default=None, help=f"client endpoint (default {DEFAULT_BIND})")
+    serve.add_argument("--workers", type=int, default=None,
+                       help=f"worker processes (default {default_workers()}: one less than the cores)")
+
+    stats = sub.add_parser("stats", help="show a running server's datasets, workers and clients")
+    stats.add_argument("endpoint", nargs="?", default=DEFAULT_BIND)
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
+    stats.add_argument("--timeout", type=float, default=5.0)
+
+    demo = sub.add_parser("demo-data", help="write the bundled digits demo dataset (needs npyloader[demo])")
+    demo.add_argument("dir", help="output folder (gets train/, val/ and loader.toml)")
+    return parser
+
+
+def _serve_config(args: argparse.Namespace) -> ServeConfig:
+    server: dict = {}
+    if args.config:
+        if args.data:
+            raise ConfigError("give either --config or --data, not both")
+        loaded = load_toml(args.config)
+        datasets, server = loaded["datasets"], loaded["server"]
+    else:
+        dcfg = DatasetConfig(
+            name=args.dataset, data=tuple(args.data or ()), layout=args.layout,
+            label_column=args.label_column, targets=args.targets, labels=args.labels,
+            x_key=args.x_key, y_key=args.y_key,
+            x_shape=parse_shape(args.x_shape) if args.x_shape else None,
+            batch_size=args.batch_size, seed=args.seed, augment=tuple(args.augment),
+            shuffle=not args.no_shuffle, drop_remainder=args.drop_remainder,
+        )
+        datasets = {dcfg.name: dcfg}
+    bind = args.bind or server.get("bind", DEFAULT_BIND)
+    workers = args.workers if args.workers is not None else server.get("workers", default_workers())
+    return ServeConfig(datasets=datasets, bind=bind, workers=workers)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from loader_server.server import serve
+
+    serve(_serve_config(args))
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from loader_client.stream import request_stats
+
+    stats = request_stats(args.endpoint, args.timeout)
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+    else:
+        print(format_stats(args.endpoint, stats))
+    return 0
+
+
+def format_stats(endpoint: str, s: dict) -> str:
+    w = s["workers"]
+    lines = [f"npyloader at {endpoint}: up {s['uptime_s']:.0f}s, {s['batches_served']} batches "
+             f"({s['bytes_served'] / 1e6:.1f} MB) served",
+             f"workers: {w['alive']} alive, {w['ready']} ready, {w['respawns']} respawned, "
+             f"{w['requeued_batches']} batches requeued"]
+    for name, d in s["datasets"].items():
+        lines.append(f"  dataset {name}: {d['samples']} samples, {d['batches']} batches of {d['batch_size']}")
+    for wk in w["list"]:
+        lines.append(f"  worker {wk['id']} pid {wk['pid']} on {wk['host']}: {wk['batches']} batches, "
+                     f"busy {wk['busy_s']:.1f}s")
+    lines.append(f"clients: {len(s['clients'])}")
+    for c in s["clients"]:
+        wait = c["wait_s"] / c["connected_s"] if c["connected_s"] else 0.0
+        lines.append(f"  {c['id'][:8]} {c['dataset']}: {c['batches']} batches, {c['bytes'] / 1e6:.1f} MB, "
+                     f"waited {c['wait_s']:.2f}s ({wait:.0%} of its time), {c['pending']} queued")
+    if s["rejected"]:
+        lines.append("rejected messages: " + ", ".join(f"{k} {v}" for k, v in s["rejected"].items()))
+    return "\n".join(lines)
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> int:
+    from loader_server.demo_data import write_demo_data
+
+    summary = write_demo_data(args.dir)
+    log.info("demo data written: %s", summary)
+    return 0
+
+
+COMMANDS = {"serve": _cmd_serve, "stats": _cmd_stats, "demo-data": _cmd_demo_data}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    from loader_server.augment import AugmentError
+    from loader_server.dataset import DatasetError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (ConfigError, DatasetError, AugmentError, TimeoutError) as e:
+        print(f"npyloader {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Local worker pool supervision: start N worker processes, notice deaths, respawn, stop cleanly.
+
+Workers are started with the `spawn` method, never `fork`: the server holds ZeroMQ sockets
+and threads, which a forked child must not inherit. The broker asks `reap()` on every turn of
+its loop; a dead worker (even one killed with SIGKILL) is reported so its batches can be
+redone, and a fresh process takes its place.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+
+from loader_server.worker import WorkerSpec, run_worker
+
+log = logging.getLogger(__name__)
+
+RESPAWN_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass
+class _Child:
+    process: BaseProcess
+    spec: WorkerSpec
+    deaths: int = 0
+    restart_at: float = 0.0
+
+
+class LocalPool:
+    """N worker processes; worker ids grow with every respawn so stale messages are recognisable."""
+
+    def __init__(self, make_spec: Callable[[int], WorkerSpec], size: int) -> None:
+        self._ctx = mp.get_context("spawn")
+        self._make_spec = make_spec
+        self._children: dict[int, _Child] = {}
+        self._next_id = 0
+        self.respawns = 0
+        for _ in range(size):
+            self._start(deaths=0)
+
+    def _start(self, deaths: int) -> int:
+        worker_id = self._next_id
+        self._next_id += 1
+        spec = self._make_spec(worker_id)
+        proc = self._ctx.Process(target=run_worker, args=(spec,), name=f"npyloader-worker-{worker_id}", daemon=True)
+        proc.start()
+        self._children[worker_id] = _Child(proc, spec, deaths)
+        return worker_id
+
+    def pids(self) -> dict[int, int | None]:
+        return {wid: c.process.pid for wid, c in self._children.items()}
+
+    def alive(self) -> int:
+        return sum(c.process.is_alive() for c in self._children.values())
+
+    def reap(self) -> list[int]:
+        """Ids of workers that died since the last call; each is replaced after a short backoff."""
+        dead = []
+        now = time.monotonic()
+        for wid, child in list(self._children.items()):
+            if child.process.is_alive() or child.restart_at:
+                continue
+            code = child.process.exitcode
+            log.warning("worker %d (pid %s) exited with code %s; restarting it", wid, child.process.pid, code)
+            child.process.close()
+            child.restart_at = now + RESPAWN_BACKOFF_S[min(child.deaths, len(RESPAWN_BACKOFF_S) - 1)]
+            dead.append(wid)
+        for wid, child in list(self._children.items()):
+            if child.restart_at and child.restart_at <= now:
+                del self._children[wid]
+                self._start(deaths=child.deaths + 1)
+                self.respawns += 1
+        return dead
+
+    def stop(self, deadline_s: float = 5.0) -> None:
+        """Workers were asked to stop over the socket; wait for them, then terminate, then kill."""
+        end = time.monotonic() + deadline_s
+        for child in self._children.values():
+            if child.restart_at:
+                continue
+            child.process.join(max(0.0, end - time.monotonic()))
+        for sig_name in ("terminate", "kill"):
+            for child in self._children.values():
+                if not child.restart_at and child.process.is_alive():
+                    getattr(child.process, sig_name)()
+                    child.process.join(1.0)
+        for child in self._children.values():
+            if not child.restart_at:
+                child.process.close()
+        self._children.clear()

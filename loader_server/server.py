@@ -1,0 +1,160 @@
+"""`npyloader serve`: index the datasets, start the worker pool, run the broker until told to stop.
+
+Everything a user can get wrong (files, augment specs, the endpoint) is checked here, before
+any worker starts, and reported as one line naming the culprit. Shutdown is explicit and
+bounded: workers are asked to stop, then terminated, then killed; sockets closed; shared
+memory unlinked; the ipc folder removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import zmq
+
+from loader_client import protocol
+from loader_server.augment import build_pipeline, sample_rng
+from loader_server.broker import Broker, ServedDataset
+from loader_server.config import ConfigError, DatasetConfig, ServeConfig
+from loader_server.dataset import DatasetIndex, SampleReader, build_index
+from loader_server.pool import LocalPool
+from loader_server.sampler import Plan
+from loader_server.slots import SlotPool
+from loader_server.worker import WorkerDataset, WorkerSpec
+
+log = logging.getLogger("npyloader")
+
+SLOTS_PER_WORKER = 4
+MIN_SLOTS = 8
+
+
+def output_arrays(index: DatasetIndex, cfg: DatasetConfig) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Shape and dtype of one served sample, found by running the augmentation on sample 0.
+
+    Ops such as `crop` change the shape and value ops change the dtype, so the only honest
+    answer is the pipeline's own output. This also surfaces a broken custom op at startup.
+    """
+    pipeline = build_pipeline(cfg.augment, spatial_targets=index.spec.spatial_targets)
+    reader = SampleReader(index)
+    try:
+        x, y = reader.read(0)
+        if len(pipeline):
+            x, y = pipeline(x, y, sample_rng(cfg.seed, 0, 0))
+    finally:
+        reader.close()
+    return [(name, np.asarray(v).dtype.newbyteorder("=").str, tuple(np.shape(v)))
+            for name, v in (("x", x), ("y", y)) if v is not None]
+
+
+def _bind(sock: zmq.Socket, endpoint: str, option: str) -> str:
+    wildcard = endpoint[:-2] + ":*" if endpoint.startswith("tcp://") and endpoint.endswith(":0") else endpoint
+    try:
+        sock.bind(wildcard)
+    except zmq.ZMQError as e:
+        if e.errno == zmq.EADDRINUSE:
+            raise ConfigError(
+                f"{option} {endpoint}: address already in use (another npyloader serve? "
+                f"try `npyloader stats {endpoint}`); choose another port") from None
+        raise ConfigError(f"{option} {endpoint}: cannot bind: {e}") from None
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+class Server:
+    """A bound, running server; `serve()` below wraps it with signal handling for the CLI."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self._stop = threading.Event()
+        self._ipc_dir = tempfile.mkdtemp(prefix="npyloader-")
+        self._ctx = zmq.Context()
+        self._datasets: dict[str, ServedDataset] = {}
+        self._pool: LocalPool | None = None
+        self._csock = self._wsock = None
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self) -> None:
+        nslots = max(MIN_SLOTS, SLOTS_PER_WORKER * self.cfg.workers)
+        worker_datasets = {}
+        for name, dcfg in self.cfg.datasets.items():
+            index = build_index(dcfg)
+            arrays = output_arrays(index, dcfg)
+            plan = Plan(index.num_samples, dcfg.batch_size, dcfg.seed, dcfg.shuffle, dcfg.drop_remainder)
+            if plan.num_batches == 0:
+                raise ConfigError(f"dataset '{name}': {index.num_samples} samples make no full batch of "
+                                  f"{dcfg.batch_size} with --drop-remainder; lower --batch-size")
+            slots = SlotPool(nslots, dcfg.batch_size, arrays)
+            self._datasets[name] = ServedDataset(name, index, plan, slots)
+            worker_datasets[name] = WorkerDataset(index, plan, dcfg.augment, slots.layout)
+
+        self._csock = self._ctx.socket(zmq.ROUTER)
+        self._csock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._csock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_REQUEST_BYTES)
+        self._csock.setsockopt(zmq.SNDHWM, 4 * protocol.MAX_CREDIT)
+        self._csock.setsockopt(zmq.LINGER, 0)
+        self.endpoint = _bind(self._csock, self.cfg.bind, "--bind")
+
+        self._wsock = self._ctx.socket(zmq.ROUTER)
+        self._wsock.setsockopt(zmq.LINGER, 0)
+        self._wsock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_REQUEST_BYTES)
+        worker_endpoint = _bind(self._wsock, f"ipc://{self._ipc_dir}/workers", "worker endpoint")
+
+        parent = os.getpid()
+        self._pool = LocalPool(
+            lambda wid: WorkerSpec(wid, worker_endpoint, worker_datasets, parent), self.cfg.workers)
+        self.broker = Broker(self._datasets, self._csock, self._wsock, self._pool)
+
+    def ready_line(self) -> str:
+        plans = [ds.plan for ds in self._datasets.values()]
+        if len(plans) == 1:
+            p = plans[0]
+            return f"serving {p.num_samples} samples ({p.num_batches} batches of {p.batch_size}) at {self.endpoint}"
+        total = sum(p.num_samples for p in plans)
+        parts = ", ".join(f"{n}: {ds.plan.num_batches} batches of {ds.plan.batch_size}"
+                          for n, ds in self._datasets.items())
+        return f"serving {total} samples ({parts}) at {self.endpoint}"
+
+    def run(self) -> None:
+        self.broker.run(self._stop.is_set)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self.broker.stop_workers()
+            self._pool.stop()
+        for sock in (self._csock, self._wsock):
+            if sock is not None:
+                sock.close(0)
+        self._ctx.term()
+        for ds in self._datasets.values():
+            ds.slots.close()
+        shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+
+def serve(cfg: ServeConfig, on_ready: Callable[[str], None] | None = None) -> None:
+    """Run until SIGINT or SIGTERM, then stop everything cleanly."""
+    server = Server(cfg)
+    previous = {sig: signal.signal(sig, lambda *_: server.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        line = server.ready_line()
+        log.info(line)
+        if on_ready:
+            on_ready(line)
+        server.run()
+        log.info("stopping: %d batches served", server.broker.batches_sent)
+    finally:
+        server.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,131 @@
+"""Shared-memory batch slots: local workers assemble batches where the broker can send them.
+
+Relaying every batch worker -> broker -> client halves the transport ceiling on a small
+machine (DESIGN.md). Instead the server owns one shared-memory segment per dataset, cut into
+fixed-size slots; a worker gathers and augments a batch straight into the slot the broker
+assigned, and the broker sends views of that slot to the client with `copy=False`, so each
+batch crosses one socket. The server creates and unlinks every segment, so a worker killed
+mid-batch leaks nothing: its slot is simply reassigned.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+
+import numpy as np
+
+_ALIGN = 64
+
+
+@dataclass(frozen=True)
+class ArrayLayout:
+    """One array of a batch: its dtype, the shape of one sample, where it starts in a slot."""
+
+    name: str
+    dtype: str
+    sample_shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def sample_bytes(self) -> int:
+        return int(np.prod(self.sample_shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class SlotLayout:
+    """How the slots of one dataset's segment are laid out; picklable, sent to workers."""
+
+    shm_name: str
+    nslots: int
+    batch_size: int
+    slot_bytes: int
+    arrays: tuple[ArrayLayout, ...]
+
+    def views(self, buf: memoryview, slot: int, rows: int) -> list[np.ndarray]:
+        """Writable arrays of shape (rows, *sample_shape) over one slot."""
+        base = slot * self.slot_bytes
+        out = []
+        for a in self.arrays:
+            start = base + a.offset
+            count = rows * int(np.prod(a.sample_shape, dtype=np.int64))
+            arr = np.frombuffer(buf, dtype=a.dtype, count=count, offset=start)
+            out.append(arr.reshape((rows, *a.sample_shape)))
+        return out
+
+    def frames(self, buf: memoryview, slot: int, rows: int) -> list[memoryview]:
+        """Read-only byte views of the filled part of a slot, one per array, for zmq."""
+        base = slot * self.slot_bytes
+        return [buf[base + a.offset: base + a.offset + rows * a.sample_bytes].toreadonly()
+                for a in self.arrays]
+
+    def specs(self, rows: int) -> list[tuple[str, str, tuple[int, ...]]]:
+        return [(a.name, a.dtype, (rows, *a.sample_shape)) for a in self.arrays]
+
+
+def plan_layout(shm_name: str, nslots: int, batch_size: int,
+                arrays: list[tuple[str, str, tuple[int, ...]]]) -> SlotLayout:
+    """Place each array of a batch at an aligned offset inside a slot."""
+    layouts, offset = [], 0
+    for name, dtype, shape in arrays:
+        layouts.append(ArrayLayout(name, np.dtype(dtype).str, tuple(shape), offset))
+        offset += batch_size * layouts[-1].sample_bytes
+        offset = -(-offset // _ALIGN) * _ALIGN
+    return SlotLayout(shm_name, nslots, batch_size, max(offset, _ALIGN), tuple(layouts))
+
+
+class SlotPool:
+    """The server's side of one segment: creates it, hands out free slots, unlinks it at the end."""
+
+    def __init__(self, nslots: int, batch_size: int,
+                 arrays: list[tuple[str, str, tuple[int, ...]]]) -> None:
+        probe = plan_layout("", nslots, batch_size, arrays)
+        self._shm = shared_memory.SharedMemory(create=True, size=probe.slot_bytes * nslots)
+        self.layout = plan_layout(self._shm.name, nslots, batch_size, arrays)
+        self.buf = self._shm.buf
+        self._free: deque[int] = deque(range(nslots))
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
+
+    def acquire(self) -> int | None:
+        return self._free.popleft() if self._free else None
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def close(self) -> None:
+        """Unlink the segment. Views zmq may still hold keep the mapping alive until freed."""
+        self.buf = None  # type: ignore[assignment]
+        try:
+            self._shm.close()
+        except BufferError:
+            pass  # a frame still referenced by zmq; the mapping goes when the process exits
+        try:
+            self._shm.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class SlotReader:
+    """A worker's side: attaches to segments by name once and keeps them mapped."""
+
+    def __init__(self) -> None:
+        self._segments: dict[str, shared_memory.SharedMemory] = {}
+
+    def buffer(self, layout: SlotLayout) -> memoryview:
+        shm = self._segments.get(layout.shm_name)
+        if shm is None:
+            shm = shared_memory.SharedMemory(name=layout.shm_name)
+            self._segments[layout.shm_name] = shm
+        return shm.buf
+
+    def close(self) -> None:
+        for shm in self._segments.values():
+            try:
+                shm.close()
+            except BufferError:
+                pass
+        self._segments.clear()
