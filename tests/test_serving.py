@@ -1,0 +1,270 @@
+"""End to end through real `npyloader serve` processes: layouts, exactly-once, determinism, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loader_client import BatchStream, request_stats
+from tests.conftest import serve_command, wait_for, write_id_dataset
+
+
+def read_epoch(url: str, epoch: int = 0, **kw) -> list[tuple[np.ndarray, ...]]:
+    with BatchStream(url, epoch=epoch, timeout=30, **kw) as stream:
+        return [tuple(a.copy() for a in batch) for batch in stream]
+
+
+def ids_of(batches) -> list[int]:
+    return np.concatenate([b[1] for b in batches]).astype(int).tolist()
+
+
+def test_combined_layout_serves_every_sample_exactly_once_per_epoch(start_server, id_dataset):
+    folder, n = id_dataset
+    server = start_server("--data", str(folder / "*.npy"), "--label-column", "-1", "--batch-size", "16")
+    with BatchStream(server.endpoint, timeout=30) as stream:
+        assert len(stream) == 13
+        orders = []
+        for _ in range(2):
+            ids = []
+            for x, y in stream:
+                assert x.shape[1:] == (16,) and x.dtype == np.float32
+                np.testing.assert_array_equal(x[:, 0], (y * 1000) % 9973)
+                ids.extend(y.astype(int).tolist())
+            assert sorted(ids) == list(range(n))
+            orders.append(ids)
+        assert orders[0] != orders[1], "each epoch is a fresh per-sample permutation"
+        assert stream.stats()["batches"] == 26
+
+
+def test_label_column_and_x_shape_reshape_rows(start_server, tmp_path):
+    rows = np.arange(10 * 17, dtype=np.float32).reshape(10, 17)
+    (tmp_path / "d").mkdir()
+    np.save(tmp_path / "d" / "a.npy", rows)
+    server = start_server("--data", str(tmp_path / "d"), "--label-column", "0", "--x-shape", "4,4",
+                          "--batch-size", "4", "--no-shuffle")
+    batches = read_epoch(server.endpoint)
+    x = np.concatenate([b[0] for b in batches])
+    y = np.concatenate([b[1] for b in batches])
+    np.testing.assert_array_equal(x, rows[:, 1:].reshape(10, 4, 4))
+    np.testing.assert_array_equal(y, rows[:, 0])
+    assert [len(b[0]) for b in batches] == [4, 4, 2]
+
+
+def test_paired_images_and_masks_get_identical_geometric_augmentation(start_server, tmp_path):
+    rng = np.random.default_rng(0)
+    for name, count in (("a", 20), ("b", 13)):
+        images = rng.random((count, 12, 12), dtype=np.float32)
+        (tmp_path / "img").mkdir(exist_ok=True)
+        (tmp_path / "mask").mkdir(exist_ok=True)
+        np.save(tmp_path / "img" / f"{name}.npy", images)
+        np.save(tmp_path / "mask" / f"{name}.npy", (images > 0.5).astype(np.uint8))
+    server = start_server("--data", str(tmp_path / "img" / "*.npy"), "--layout", "paired",
+                          "--targets", str(tmp_path / "mask" / "*.npy"), "--batch-size", "8",
+                          "--augment", "flip:axis=1,p=0.5", "--augment", "flip:axis=0,p=0.5",
+                          "--augment", "shift:pixels=3")
+    batches = read_epoch(server.endpoint)
+    x = np.concatenate([b[0] for b in batches])
+    masks = np.concatenate([b[1] for b in batches])
+    assert x.shape == (33, 12, 12) and masks.dtype == np.uint8
+    inside = x > 0  # shift pads with zeros; the mask pads with 0 (background) too
+    np.testing.assert_array_equal(masks[inside], (x[inside] > 0.5).astype(np.uint8))
+
+
+def test_per_sample_layout_with_a_labels_file(start_server, tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for i in range(11):
+        np.save(scans / f"scan-{i:02d}.npy", np.full((5, 6), i, dtype=np.int16))
+    np.save(tmp_path / "labels.npy", np.arange(11) * 10)
+    server = start_server("--data", str(scans), "--layout", "per-sample", "--labels", str(tmp_path / "labels.npy"),
+                          "--batch-size", "4")
+    batches = read_epoch(server.endpoint)
+    x = np.concatenate([b[0] for b in batches])
+    y = np.concatenate([b[1] for b in batches])
+    assert x.shape == (11, 5, 6) and x.dtype == np.int16
+    np.testing.assert_array_equal(y, x[:, 0, 0] * 10)
+    assert sorted(y.tolist()) == list(range(0, 110, 10))
+
+
+def test_per_sample_layout_with_target_files(start_server, tmp_path):
+    for sub in ("in", "out"):
+        (tmp_path / sub).mkdir()
+    for i in range(7):
+        np.save(tmp_path / "in" / f"s{i}.npy", np.full((3, 3), i, dtype=np.float32))
+        np.save(tmp_path / "out" / f"s{i}.npy", np.full((3, 3), -i, dtype=np.float32))
+    server = start_server("--data", str(tmp_path / "in" / "*.npy"), "--layout", "per-sample",
+                          "--targets", str(tmp_path / "out" / "*.npy"), "--batch-size", "3")
+    batches = read_epoch(server.endpoint)
+    x = np.concatenate([b[0] for b in batches])
+    y = np.concatenate([b[1] for b in batches])
+    np.testing.assert_array_equal(y, -x)
+    assert sorted(x[:, 0, 0].tolist()) == list(range(7))
+
+
+def test_npz_members_by_name(start_server, tmp_path):
+    (tmp_path / "z").mkdir()
+    for i, n in enumerate((9, 6)):
+        ids = np.arange(n) + 100 * i
+        np.savez(tmp_path / "z" / f"part{i}.npz", images=np.repeat(ids, 4).reshape(n, 2, 2).astype(np.float32),
+                 labels=ids.astype(np.int64))
+    server = start_server("--data", str(tmp_path / "z" / "*.npz"), "--layout", "paired",
+                          "--x-key", "images", "--y-key", "labels", "--batch-size", "5")
+    batches = read_epoch(server.endpoint)
+    x = np.concatenate([b[0] for b in batches])
+    y = np.concatenate([b[1] for b in batches])
+    np.testing.assert_array_equal(x[:, 0, 0], y)
+    assert sorted(y.tolist()) == list(range(9)) + list(range(100, 106))
+
+
+def augmented_images(folder: Path, count: int = 96, size: int = 24) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        rows = rng.random((count // 3, size * size), dtype=np.float32)
+        labels = np.arange(i * (count // 3), (i + 1) * (count // 3), dtype=np.float32)[:, None]
+        np.save(folder / f"p{i}.npy", np.hstack([rows, labels]))
+
+
+AUGMENT = ("--augment", "rotate:degrees=20,p=0.7", "--augment", "noise:std=0.1,p=0.5",
+           "--augment", "crop:height=20,width=20")
+
+
+def test_batches_are_byte_identical_with_one_and_three_workers(start_server, tmp_path):
+    augmented_images(tmp_path / "imgs")
+    args = ("--data", str(tmp_path / "imgs"), "--label-column", "-1", "--x-shape", "24,24",
+            "--batch-size", "10", *AUGMENT)
+    epochs = {}
+    for workers in (1, 3):
+        server = start_server(*args, workers=workers)
+        epochs[workers] = [read_epoch(server.endpoint, epoch=e) for e in (0, 1)]
+        server.stop()
+    for e in (0, 1):
+        assert len(epochs[1][e]) == len(epochs[3][e]) == 10
+        for one, three in zip(epochs[1][e], epochs[3][e]):
+            assert one[0].shape[1:] == (20, 20)
+            assert one[0].tobytes() == three[0].tobytes() and one[1].tobytes() == three[1].tobytes()
+    assert epochs[1][0][0][0].tobytes() != epochs[1][1][0][0].tobytes(), "augmentation differs across epochs"
+
+
+@pytest.mark.slow
+def test_killed_worker_loses_no_batch(start_server, tmp_path):
+    augmented_images(tmp_path / "imgs", count=600, size=48)
+    args = ("--data", str(tmp_path / "imgs"), "--label-column", "-1", "--x-shape", "48,48",
+            "--batch-size", "8", "--augment", "rotate:degrees=30,p=1,order=3")
+    reference = start_server(*args, workers=1)
+    expected = read_epoch(reference.endpoint)
+    reference.stop()
+
+    server = start_server(*args, workers=2)
+    got = []
+    with BatchStream(server.endpoint, timeout=60, prefetch=16) as stream:
+        batches = iter(stream)
+        got.append(tuple(a.copy() for a in next(batches)))
+        busy = wait_for(lambda: [w for w in request_stats(server.endpoint)["workers"]["list"] if w["tasks"]],
+                        10, "a worker with a batch in progress")
+        os.kill(busy[0]["pid"], signal.SIGKILL)
+        got.extend(tuple(a.copy() for a in b) for b in batches)
+    stats = wait_for(lambda: (s := request_stats(server.endpoint))["workers"]["respawns"] >= 1 and s, 20,
+                     "the killed worker to be respawned")
+    assert stats["workers"]["requeued_batches"] >= 1
+    assert len(got) == len(expected) == 75
+    assert sorted(ids_of(got)) == list(range(600))
+    for mine, ref in zip(got, expected):
+        assert mine[0].tobytes() == ref[0].tobytes()
+    wait_for(lambda: len(server.workers()) == 2, 20, "two live workers again")
+
+
+def test_custom_op_loaded_by_import_path(start_server, tmp_path, monkeypatch, id_dataset):
+    pkg = tmp_path / "userpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "augs.py").write_text(
+        "def offset(x, y, rng, amount=1.0):\n    return x + amount + rng.random(), y\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    folder, n = id_dataset
+    server = start_server("--data", str(folder), "--label-column", "-1", "--batch-size", "50",
+                          "--augment", "userpkg.augs:offset:amount=1000")
+    batches = read_epoch(server.endpoint)
+    x = np.concatenate([b[0] for b in batches])
+    y = np.concatenate([b[1] for b in batches])
+    base = (y * 1000) % 9973
+    assert np.all(x[:, 0] - base >= 1000) and np.all(x[:, 0] - base < 1001)
+
+
+def test_shards_give_each_trainer_a_disjoint_slice(start_server, id_dataset):
+    folder, n = id_dataset
+    server = start_server("--data", str(folder), "--label-column", "-1", "--batch-size", "16")
+    parts = [ids_of(read_epoch(server.endpoint, shard=(rank, 3))) for rank in range(3)]
+    assert sorted(sum(parts, [])) == list(range(n))
+    assert all(len(set(a) & set(b)) == 0 for a in parts for b in parts if a is not b)
+
+
+def test_several_clients_share_the_pool_at_once(start_server, tmp_path):
+    write_id_dataset(tmp_path / "train", [120, 80])
+    write_id_dataset(tmp_path / "val", [40])
+    (tmp_path / "loader.toml").write_text(
+        '[datasets.train]\ndata = "train/*.npy"\nlabel_column = -1\nbatch_size = 8\n'
+        '[datasets.val]\ndata = ["val"]\nlabel-column = -1\nbatch_size = 8\nno-shuffle = true\n')
+    server = start_server("--config", str(tmp_path / "loader.toml"))
+    results: dict[str, list[int]] = {}
+
+    def consume(name: str, dataset: str, shard=None) -> None:
+        results[name] = ids_of(read_epoch(server.endpoint, dataset=dataset, shard=shard))
+
+    threads = [threading.Thread(target=consume, args=args) for args in
+               (("train-a", "train", (0, 2)), ("train-b", "train", (1, 2)), ("val", "val"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results["train-a"] + results["train-b"]) == list(range(200))
+    assert results["val"] == list(range(40)), "no-shuffle keeps file order"
+    assert {c["dataset"] for c in request_stats(server.endpoint)["clients"]} <= {"train", "val"}
+
+
+def test_stats_command_reports_datasets_workers_and_clients(start_server, id_dataset):
+    folder, _ = id_dataset
+    server = start_server("--data", str(folder), "--label-column", "-1", "--batch-size", "16")
+    with BatchStream(server.endpoint, timeout=30) as stream:
+        list(stream)
+        out = subprocess.run(serve_command("stats", server.endpoint, "--json"), capture_output=True, text=True,
+                             timeout=60, check=True)
+        stats = json.loads(out.stdout)
+        assert stats["datasets"]["train"] == {"samples": 203, "batches": 13, "batch_size": 16,
+                                              "free_slots": stats["datasets"]["train"]["free_slots"]}
+        assert stats["workers"]["alive"] == 2 and stats["batches_served"] == 13
+        assert stats["clients"][0]["batches"] == 13
+        text = subprocess.run(serve_command("stats", server.endpoint), capture_output=True, text=True,
+                              timeout=60, check=True).stdout
+        assert "2 alive" in text and "dataset train: 203 samples" in text and "waited" in text
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_server_and_workers_within_seconds(start_server, id_dataset, sig):
+    folder, _ = id_dataset
+    server = start_server("--data", str(folder), "--label-column", "-1", workers=3)
+    workers = server.workers()
+    assert len(workers) == 3
+    started = time.monotonic()
+    assert server.stop(sig, timeout=10) == 0
+    assert time.monotonic() - started < 10
+    assert not any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+                   for pid in workers)
+    assert "stopping" in server.log()
+
+
+def test_client_and_server_import_no_tensorflow():
+    code = ("import sys, loader_client, loader_server.server, loader_server.cli, loader_server.worker;"
+            "from loader_client import BatchStream;"
+            "bad = [m for m in ('tensorflow', 'keras') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
