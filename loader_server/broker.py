@@ -53,6 +53,7 @@ class Client:
     plan: Plan
     pending: deque[tuple[int, int]] = field(default_factory=deque)
     wanted: set[tuple[int, int]] = field(default_factory=set)
+    held: int = 0
     batches: int = 0
     bytes: int = 0
     wait_s: float = 0.0
@@ -91,7 +92,7 @@ class Broker:
         self.clients: dict[bytes, Client] = {}
         self.workers: dict[bytes, Worker] = {}
         self._runnable: deque[bytes] = deque()
-        self._sending: list[tuple[zmq.MessageTracker, SlotPool, int]] = []
+        self._sending: list[tuple[zmq.MessageTracker, SlotPool, int, bytes]] = []
         self._task_ids = 0
         self._started = time.monotonic()
         self.batches_sent = 0
@@ -133,7 +134,7 @@ class Broker:
         identity = frames[0].bytes
         try:
             msg = protocol.decode(frames[1:], allowed=CLIENT_MESSAGES)
-        except protocol.ProtocolError as e:
+        except Exception as e:  # a validator bug must cost one message, never the server
             self.rejected[_reason(e)] += 1
             log.warning("rejected a malformed message from client %s: %s", identity.hex(), e)
             self._error(identity, "bad_message", str(e))
@@ -209,7 +210,7 @@ class Broker:
         identity = frames[0].bytes
         try:
             msg = protocol.decode(frames[1:], allowed=WORKER_MESSAGES)
-        except protocol.ProtocolError as e:
+        except Exception as e:  # a validator bug must cost one message, never the server
             self.rejected[_reason(e)] += 1
             log.error("rejected a malformed message from worker %r: %s", identity, e)
             return
@@ -226,7 +227,7 @@ class Broker:
             worker.busy_s += msg["busy_s"]
             self._deliver(task, msg["rows"])
         else:
-            task.dataset.slots.release(task.slot)
+            self._release(task.client, task.dataset.slots, task.slot)
             self._finish(task)
             self._error(task.client, "batch_failed", msg["message"], epoch=task.epoch, index=task.index)
 
@@ -241,10 +242,12 @@ class Broker:
             client = self.clients.get(identity)
             if client is None or not client.pending:
                 continue
-            slot = client.dataset.slots.acquire()
+            slots = client.dataset.slots
+            slot = slots.acquire() if client.held < slots.layout.nslots // 2 else None
             if slot is None:
                 self._runnable.append(identity)
                 continue
+            client.held += 1
             epoch, index = client.pending.popleft()
             self._task_ids += 1
             task = Task(self._task_ids, identity, client.dataset, epoch, index, slot, worker.identity)
@@ -263,7 +266,7 @@ class Broker:
         slots = task.dataset.slots
         client = self.clients.get(task.client)
         if client is None or (task.epoch, task.index) not in client.wanted:
-            slots.release(task.slot)
+            self._release(task.client, slots, task.slot)
             return
         header = protocol.encode_header("batch", {"epoch": task.epoch, "index": task.index},
                                         slots.layout.specs(rows))
@@ -272,7 +275,7 @@ class Broker:
             tracker = self.csock.send_multipart([task.client, header, *frames],
                                                 flags=zmq.NOBLOCK, copy=False, track=True)
         except zmq.ZMQError as e:
-            slots.release(task.slot)
+            self._release(task.client, slots, task.slot)
             if e.errno == errno.EHOSTUNREACH:
                 log.info("client %s is gone; dropping its session", task.client.hex())
                 self._drop_client(task.client)
@@ -280,7 +283,7 @@ class Broker:
                 client.pending.appendleft((task.epoch, task.index))
                 self._mark_runnable(task.client)
             return
-        self._sending.append((tracker, slots, task.slot))
+        self._sending.append((tracker, slots, task.slot, task.client))
         self._finish(task)
         nbytes = sum(len(f) for f in frames)
         client.batches += 1
@@ -297,12 +300,19 @@ class Broker:
         if not self._sending:
             return
         still = []
-        for tracker, slots, slot in self._sending:
+        for item in self._sending:
+            tracker, slots, slot, identity = item
             if tracker.done:
-                slots.release(slot)
+                self._release(identity, slots, slot)
             else:
-                still.append((tracker, slots, slot))
+                still.append(item)
         self._sending = still
+
+    def _release(self, identity: bytes, slots: SlotPool, slot: int) -> None:
+        slots.release(slot)
+        client = self.clients.get(identity)
+        if client is not None:
+            client.held = max(0, client.held - 1)
 
     def _worker_died(self, worker_id: int) -> None:
         worker = next((w for w in self.workers.values() if w.worker_id == worker_id), None)
@@ -310,7 +320,7 @@ class Broker:
             return
         del self.workers[worker.identity]
         for task in sorted(worker.tasks.values(), key=lambda t: -t.id):
-            task.dataset.slots.release(task.slot)
+            self._release(task.client, task.dataset.slots, task.slot)
             client = self.clients.get(task.client)
             if client is not None and (task.epoch, task.index) in client.wanted:
                 client.pending.appendleft((task.epoch, task.index))
@@ -375,7 +385,9 @@ class Broker:
         }
 
 
-def _reason(e: protocol.ProtocolError) -> str:
+def _reason(e: Exception) -> str:
+    if not isinstance(e, protocol.ProtocolError):
+        return "validator_error"
     text = str(e)
     for key in ("msgpack", "version", "unknown message type", "lacks field", "invalid", "frames", "extension", "limit"):
         if key in text:

@@ -19,6 +19,8 @@ import struct
 import zipfile
 import zlib
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -543,6 +545,15 @@ class _Loaded:
         """Nothing to release early: the memory goes with this object."""
 
 
+def _without_column(row: np.ndarray, column: int) -> np.ndarray:
+    """The row minus its label column: a view when the label is first or last, as it usually is."""
+    if column == row.shape[0] - 1:
+        return row[:-1]
+    if column == 0:
+        return row[1:]
+    return np.delete(row, column)
+
+
 class SampleReader:
     """Opened once per worker process; keeps an LRU of open maps so 100k files never exhaust
     file descriptors (each map holds one)."""
@@ -561,10 +572,26 @@ class SampleReader:
 
     def read(self, sample_id: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Copy one sample out of its file(s), so no caller can hold a map open or write into it."""
+        with self._reading(sample_id) as (x, y):
+            return np.array(x), None if y is None else np.array(y)
+
+    def read_into(self, sample_id: int, outs: Sequence[np.ndarray], row: int) -> None:
+        """Copy one sample straight into row `row` of a batch's arrays (x, then y if any).
+
+        Without augmentation this is the only copy a sample's bytes see in the worker: from
+        the page cache into the shared-memory slot the client is sent from.
+        """
+        with self._reading(sample_id) as values:
+            for out, value in zip(outs, values):
+                out[row] = value
+
+    @contextmanager
+    def _reading(self, sample_id: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """Views on the mapped file(s), valid inside the block; read errors name file and row."""
         file_no, row = self._position(sample_id)
         src = self.index.x_sources[file_no]
         try:
-            return self._read(file_no, row)
+            yield self._views(file_no, row)
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
             raise DatasetError(f"sample {sample_id} ({src.where} row {row}): cannot read: {e}; "
                                "was the file changed or removed after the server started?") from e
@@ -587,20 +614,20 @@ class SampleReader:
         file_no = int(np.searchsorted(self._starts, sample_id, side="right")) - 1
         return file_no, sample_id - int(self._starts[file_no])
 
-    def _read(self, file_no: int, row: int) -> tuple[np.ndarray, np.ndarray | None]:
+    def _views(self, file_no: int, row: int) -> tuple[np.ndarray, np.ndarray | None]:
         index = self.index
         per_sample = index.layout == "per-sample"
         data = self._array(index.x_sources[file_no])
-        x = np.array(data if per_sample else data[row])
+        x = data if per_sample else data[row]
         y = None
         if index.label_column is not None:
-            y = np.array(x[index.label_column])
-            x = np.delete(x, index.label_column)
+            y = x[index.label_column]
+            x = _without_column(x, index.label_column)
         elif index.y_sources is not None:
             target = self._array(index.y_sources[file_no])
-            y = np.array(target if per_sample else target[row])
+            y = target if per_sample else target[row]
         elif index.labels is not None:
-            y = np.array(self._array(index.labels)[file_no])
+            y = self._array(index.labels)[file_no]
         return x.reshape(index.spec.x_shape), y
 
     def _array(self, src: ArraySource) -> np.ndarray:

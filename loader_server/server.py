@@ -32,7 +32,7 @@ from loader_server.worker import WorkerDataset, WorkerSpec
 log = logging.getLogger("npyloader")
 
 SLOTS_PER_WORKER = 4
-MIN_SLOTS = 8
+MIN_SLOTS = 32
 
 
 def output_arrays(index: DatasetIndex, cfg: DatasetConfig) -> list[tuple[str, str, tuple[int, ...]]]:

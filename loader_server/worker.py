@@ -63,7 +63,10 @@ class BatchBuilder:
         outs = self.ds.layout.views(self._slots.buffer(self.ds.layout), slot, rows)
         for j, sid in enumerate(samples.tolist()):
             try:
-                values = self._sample(epoch, sid)
+                if not len(self.pipeline):
+                    self.reader.read_into(sid, outs, j)
+                    continue
+                values = self._augmented(epoch, sid)
                 for out, value, layout in zip(outs, values, self.ds.layout.arrays):
                     _place(out, j, value, layout.name)
             except DatasetError:
@@ -73,10 +76,9 @@ class BatchBuilder:
                 raise RuntimeError(f"sample {sid} ({path} row {row}): {e}") from e
         return rows
 
-    def _sample(self, epoch: int, sid: int) -> tuple[np.ndarray, ...]:
+    def _augmented(self, epoch: int, sid: int) -> tuple[np.ndarray, ...]:
         x, y = self.reader.read(sid)
-        if len(self.pipeline):
-            x, y = self.pipeline(x, y, sample_rng(self.ds.plan.seed, epoch, sid))
+        x, y = self.pipeline(x, y, sample_rng(self.ds.plan.seed, epoch, sid))
         return (x,) if y is None else (x, y)
 
     def close(self) -> None:
@@ -124,7 +126,7 @@ def _serve(sock: zmq.Socket, spec: WorkerSpec, builders: dict[str, BatchBuilder]
             continue
         try:
             msg = protocol.decode(sock.recv_multipart(), allowed=frozenset({"task", "stop"}))
-        except protocol.ProtocolError as e:
+        except Exception as e:  # one bad message must not stop the worker
             log.error("dropped a malformed message from the server: %s", e)
             continue
         if msg.type == "stop":
