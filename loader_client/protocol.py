@@ -94,7 +94,7 @@ def _any_map(v: Any) -> bool:
 
 def _spec_list(v: Any) -> bool:
     return isinstance(v, list) and len(v) <= MAX_ARRAYS and all(
-        isinstance(s, list) and len(s) == 3 and _name(s[0]) and s[1] in ALLOWED_DTYPES
+        isinstance(s, list) and len(s) == 3 and _name(s[0]) and isinstance(s[1], str) and s[1] in ALLOWED_DTYPES
         and isinstance(s[2], list) and len(s[2]) <= MAX_NDIM and all(_nonneg_int(d) for d in s[2])
         for s in v
     )
@@ -155,7 +155,7 @@ def encode(mtype: str, fields: dict[str, Any] | None = None,
     if arrays:
         specs = []
         for name, arr in arrays:
-            arr = np.ascontiguousarray(arr)
+            arr = np.asarray(arr, order="C")
             specs.append([name, arr.dtype.str, list(arr.shape)])
             frames.append(memoryview(arr).cast("B") if arr.nbytes else b"")
         header["arrays"] = specs
@@ -183,7 +183,21 @@ def _unpack_header(raw: bytes | memoryview) -> dict[str, Any]:
         raise ProtocolError(f"header is not valid msgpack: {type(e).__name__}") from None
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
+    _refuse_timestamps(header)
     return header
+
+
+def _refuse_timestamps(header: dict[str, Any]) -> None:
+    """msgpack decodes extension -1 (timestamps) itself, without asking ext_hook."""
+    stack: list[Any] = [header]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, msgpack.Timestamp):
+            raise ProtocolError("msgpack extension type -1 (timestamp) is not allowed")
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def _refuse_ext(code: int, data: bytes) -> Any:

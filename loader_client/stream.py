@@ -254,7 +254,7 @@ class Connection:
     def _on_message(self, frames: list[zmq.Frame]) -> None:
         try:
             msg = protocol.decode(frames, allowed=frozenset({"welcome", "batch", "error", "pong"}))
-        except protocol.ProtocolError as e:
+        except Exception as e:  # never let one bad message stop the I/O thread
             log.error("dropped a malformed message from %s: %s", self.url, e)
             return
         with self._cv:
