@@ -1,4 +1,4 @@
-"""The `npyloader` command: serve, stats, demo-data.
+"""The `npyloader` command: serve, stats, bench, demo-data.
 
 Flags are parsed into the config dataclasses here and nowhere else; any mistake a user can
 make ends as one line on stderr naming the option or file, and exit status 2.
@@ -57,6 +57,14 @@ def _build_parser() -> argparse.ArgumentParser:
     stats.add_argument("endpoint", nargs="?", default=DEFAULT_BIND)
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     stats.add_argument("--timeout", type=float, default=5.0)
+
+    bench = sub.add_parser("bench", help="measure npyloader next to the tutorial's generator on the same files")
+    bench.add_argument("--quick", action="store_true", help="small data, for a smoke test")
+    bench.add_argument("--workload", action="append", choices=["io", "aug"], help="default: both")
+    bench.add_argument("--workers", type=int, default=2)
+    bench.add_argument("--repeats", type=int, default=3, help="timed epochs per loader; the best is kept")
+    bench.add_argument("--out", metavar="FILE", help="also write the report here")
+    bench.add_argument("--json", action="store_true", help="JSON instead of a Markdown table")
 
     demo = sub.add_parser("demo-data", help="write the bundled digits demo dataset (needs npyloader[demo])")
     demo.add_argument("dir", help="output folder (gets train/, val/ and loader.toml)")
@@ -124,6 +132,13 @@ def format_stats(endpoint: str, s: dict) -> str:
     return "\n".join(lines)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from loader_server import bench
+
+    print(bench.main(args.workload or ["io", "aug"], args.workers, args.repeats, args.quick, args.out, args.json))
+    return 0
+
+
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from loader_server.demo_data import write_demo_data
 
@@ -132,7 +147,7 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": _cmd_serve, "stats": _cmd_stats, "demo-data": _cmd_demo_data}
+COMMANDS = {"serve": _cmd_serve, "stats": _cmd_stats, "bench": _cmd_bench, "demo-data": _cmd_demo_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
