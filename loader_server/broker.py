@@ -104,9 +104,11 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.csock, zmq.POLLIN)
         poller.register(self.wsock, zmq.POLLIN)
+        short_of_slots = False
         while not should_stop():
-            waiting_for_slots = bool(self._sending) and bool(self._runnable)
-            events = dict(poller.poll(BUSY_POLL_MS if waiting_for_slots else IDLE_POLL_MS))
+            # ZeroMQ gives no event when it has sent a slot, so while work waits for a slot
+            # poll briefly to notice the slot come free.
+            events = dict(poller.poll(BUSY_POLL_MS if short_of_slots else IDLE_POLL_MS))
             if self.wsock in events:
                 self._drain(self.wsock, self._on_worker)
             if self.csock in events:
@@ -114,7 +116,7 @@ class Broker:
             for worker_id in self.pool.reap():
                 self._worker_died(worker_id)
             self._release_sent()
-            self._dispatch()
+            short_of_slots = self._dispatch()
 
     def stop_workers(self) -> None:
         for w in self.workers.values():
@@ -233,11 +235,13 @@ class Broker:
 
     # -- dispatching and delivering ----------------------------------------------------------
 
-    def _dispatch(self) -> None:
-        for _ in range(len(self._runnable)):
+    def _dispatch(self) -> bool:
+        """Give every free worker a task, clients taking turns. True if work waits for a slot."""
+        blocked = 0
+        while self._runnable and blocked < len(self._runnable):
             worker = self._least_busy_worker()
             if worker is None:
-                return
+                return False
             identity = self._runnable.popleft()
             client = self.clients.get(identity)
             if client is None or not client.pending:
@@ -246,7 +250,9 @@ class Broker:
             slot = slots.acquire() if client.held < slots.layout.nslots // 2 else None
             if slot is None:
                 self._runnable.append(identity)
+                blocked += 1
                 continue
+            blocked = 0
             client.held += 1
             epoch, index = client.pending.popleft()
             self._task_ids += 1
@@ -257,6 +263,7 @@ class Broker:
                 "shard": [client.plan.rank, client.plan.world] if client.plan.world > 1 else None}))
             if client.pending:
                 self._runnable.append(identity)
+        return blocked > 0
 
     def _least_busy_worker(self) -> Worker | None:
         best = min(self.workers.values(), key=lambda w: len(w.tasks), default=None)
