@@ -23,6 +23,7 @@ import numpy as np
 VERSION = 1
 
 MAX_HEADER_BYTES = 64 * 1024
+MAX_SETUP_BYTES = 64 << 20
 MAX_REQUEST_BYTES = 1 << 20
 MAX_ARRAYS = 8
 MAX_NDIM = 8
@@ -92,6 +93,14 @@ def _any_map(v: Any) -> bool:
     return isinstance(v, dict)
 
 
+def _bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _map_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, dict) for x in v)
+
+
 def _spec_list(v: Any) -> bool:
     return isinstance(v, list) and len(v) <= MAX_ARRAYS and all(
         isinstance(s, list) and len(s) == 3 and _name(s[0]) and isinstance(s[1], str) and s[1] in ALLOWED_DTYPES
@@ -121,11 +130,19 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "pong": {},
     "stats_reply": {"stats": _any_map},
     "error": {"code": _name, "message": _text, "epoch?": _nonneg_int, "index?": _nonneg_int},
-    # broker <-> worker
-    "ready": {"worker": _nonneg_int, "pid": _nonneg_int, "host": _text},
+    # broker <-> worker. Local workers announce themselves with `ready`; a remote worker sends
+    # `join`, gets the datasets in `setup`, checks it sees the same files, then sends `ready`
+    # (or `refused`). Both sides heartbeat; `rejoin` asks an unknown worker to start over.
+    "join": {"pid": _nonneg_int, "host": _text},
+    "setup": {"root": _text, "datasets": _map_list, "heartbeat_s": _number},
+    "ready": {"worker?": _nonneg_int, "pid": _nonneg_int, "host": _text, "capacity?": _nonneg_int,
+              "local?": _bool},
+    "refused": {"message": _text},
+    "heartbeat": {},
+    "rejoin": {},
     "task": {
         "task": _nonneg_int, "dataset": _name, "epoch": _nonneg_int, "index": _nonneg_int,
-        "slot": _nonneg_int, "shard?": _shard,
+        "slot?": _nonneg_int, "shard?": _shard,
     },
     "done": {"task": _nonneg_int, "rows": _nonneg_int, "busy_s": _number},
     "failed": {"task": _nonneg_int, "message": _text},
@@ -169,13 +186,13 @@ def encode_header(mtype: str, fields: dict[str, Any], specs: Sequence[tuple[str,
     return msgpack.packb(header, use_bin_type=True)
 
 
-def _unpack_header(raw: bytes | memoryview) -> dict[str, Any]:
-    if len(raw) > MAX_HEADER_BYTES:
-        raise ProtocolError(f"header of {len(raw)} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+def _unpack_header(raw: bytes | memoryview, limit: int) -> dict[str, Any]:
+    if len(raw) > limit:
+        raise ProtocolError(f"header of {len(raw)} bytes exceeds the {limit}-byte limit")
     try:
         header = msgpack.unpackb(
             raw, raw=False, strict_map_key=True, use_list=True,
-            max_str_len=MAX_HEADER_BYTES, max_bin_len=MAX_HEADER_BYTES, ext_hook=_refuse_ext,
+            max_str_len=limit, max_bin_len=limit, ext_hook=_refuse_ext,
         )
     except ProtocolError:
         raise
@@ -204,11 +221,15 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise ProtocolError(f"msgpack extension type {code} is not allowed")
 
 
-def decode(frames: Sequence[Any], allowed: frozenset[str] | None = None) -> Message:
-    """Validate and decode received frames (bytes or zmq.Frame). Raises ProtocolError."""
+def decode(frames: Sequence[Any], allowed: frozenset[str] | None = None,
+           max_header_bytes: int = MAX_HEADER_BYTES) -> Message:
+    """Validate and decode received frames (bytes or zmq.Frame). Raises ProtocolError.
+
+    Only a worker reading the server's `setup` (which lists every file) raises the header limit.
+    """
     if not frames:
         raise ProtocolError("empty message")
-    header = _unpack_header(_buffer(frames[0]))
+    header = _unpack_header(_buffer(frames[0]), max_header_bytes)
     if header.get("v") != VERSION:
         raise ProtocolError(f"protocol version {header.get('v')!r} is not supported (this side speaks {VERSION})")
     mtype = header.get("type")

@@ -3,10 +3,15 @@
 Clients ask for specific (epoch, batch) pairs; each request is one unit of credit, and the
 broker never sends a client more than it asked for. Requests wait in a per-client queue and
 are dispatched round-robin across clients, so a train and a val stream (or two trainers)
-share the pool fairly. A worker fills a shared-memory slot; the broker sends that slot to
-the client with `copy=False` and frees it once ZeroMQ has let go of it. A batch whose worker
-died is put back at the front of its client's queue, so it is redone: never lost, never sent
-twice. The broker's own work per batch is a few dictionary operations and one send.
+share the pool fairly. Each worker takes as many tasks as its announced capacity, so faster
+workers, asking again sooner, get more of the work.
+
+A local worker fills a shared-memory slot, which the broker sends to the client with
+`copy=False` and frees once ZeroMQ has let go of it. A remote worker sends the arrays inline,
+and the broker forwards those very frames. A worker that dies, or stays silent past the
+heartbeat timeout, has its batches put back at the front of their clients' queues: they are
+redone, never lost and never sent twice. A silent local worker is killed before its slots
+are reused, so a stopped process that wakes up cannot write into another batch.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import zmq
 
@@ -28,11 +34,11 @@ from loader_server.slots import SlotPool
 
 log = logging.getLogger(__name__)
 
-TASKS_PER_WORKER = 2
 IDLE_POLL_MS = 100
 BUSY_POLL_MS = 2
+SILENCE_BEATS = 3
 CLIENT_MESSAGES = frozenset({"hello", "request", "cancel", "ping", "stats", "bye"})
-WORKER_MESSAGES = frozenset({"ready", "done", "failed"})
+WORKER_MESSAGES = frozenset({"join", "ready", "refused", "heartbeat", "done", "failed"})
 
 
 @dataclass
@@ -40,7 +46,8 @@ class ServedDataset:
     name: str
     index: DatasetIndex
     plan: Plan
-    slots: SlotPool
+    specs: list[tuple[str, str, tuple[int, ...]]]
+    slots: SlotPool | None
 
     def plan_for(self, shard: list[int] | None) -> Plan:
         return self.plan.for_shard(shard)
@@ -67,33 +74,48 @@ class Task:
     dataset: ServedDataset
     epoch: int
     index: int
-    slot: int
+    slot: int | None
     worker: bytes
 
 
 @dataclass
 class Worker:
     identity: bytes
-    worker_id: int
     pid: int
     host: str
+    local: bool
+    capacity: int
+    worker_id: int | None = None
     tasks: dict[int, Task] = field(default_factory=dict)
     batches: int = 0
     busy_s: float = 0.0
+    since: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
+
+    @property
+    def name(self) -> str:
+        return f"local-{self.worker_id}" if self.local else f"{self.host}:{self.pid}"
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.tasks)
 
 
 class Broker:
-    def __init__(self, datasets: dict[str, ServedDataset], clients_sock: zmq.Socket,
-                 workers_sock: zmq.Socket, pool: LocalPool) -> None:
+    def __init__(self, datasets: dict[str, ServedDataset], clients_sock: zmq.Socket, workers_sock: zmq.Socket,
+                 pool: LocalPool, setup: dict[str, Any], heartbeat_s: float = 1.0) -> None:
         self.datasets = datasets
         self.csock = clients_sock
         self.wsock = workers_sock
         self.pool = pool
+        self.setup = protocol.encode("setup", {**setup, "heartbeat_s": heartbeat_s})
+        self.heartbeat_s = heartbeat_s
         self.clients: dict[bytes, Client] = {}
         self.workers: dict[bytes, Worker] = {}
         self._runnable: deque[bytes] = deque()
         self._sending: list[tuple[zmq.MessageTracker, SlotPool, int, bytes]] = []
         self._task_ids = 0
+        self._next_beat = 0.0
         self._started = time.monotonic()
         self.batches_sent = 0
         self.bytes_sent = 0
@@ -113,14 +135,15 @@ class Broker:
                 self._drain(self.wsock, self._on_worker)
             if self.csock in events:
                 self._drain(self.csock, self._on_client)
-            for worker_id in self.pool.reap():
-                self._worker_died(worker_id)
+            for worker_id, _ in self.pool.reap():
+                self._local_worker_died(worker_id)
+            self._heartbeat()
             self._release_sent()
             short_of_slots = self._dispatch()
 
     def stop_workers(self) -> None:
         for w in self.workers.values():
-            self._send_worker(w, protocol.encode("stop"))
+            self._send_worker(w.identity, protocol.encode("stop"))
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -155,8 +178,7 @@ class Broker:
         log.info("client %s joined dataset '%s' (shard %s)", identity.hex(), ds.name, msg.get("shard"))
         self._send_client(identity, protocol.encode("welcome", {
             "dataset": ds.name, "num_samples": plan.shard_size, "batch_size": plan.batch_size,
-            "batches": plan.num_batches,
-            "specs": [[a.name, a.dtype, list(a.sample_shape)] for a in ds.slots.layout.arrays],
+            "batches": plan.num_batches, "specs": [[n, d, list(s)] for n, d, s in ds.specs],
         }))
 
     def _client_request(self, identity: bytes, msg: protocol.Message) -> None:
@@ -216,22 +238,44 @@ class Broker:
             self.rejected[_reason(e)] += 1
             log.error("rejected a malformed message from worker %r: %s", identity, e)
             return
-        if msg.type == "ready":
-            self.workers[identity] = Worker(identity, msg["worker"], msg["pid"], msg["host"])
-            log.info("worker %d (pid %d) ready", msg["worker"], msg["pid"])
-            return
         worker = self.workers.get(identity)
-        task = worker.tasks.pop(msg["task"], None) if worker else None
+        if worker is not None:
+            worker.last_seen = time.monotonic()
+        if msg.type == "join":
+            self._send_worker(identity, self.setup)
+        elif msg.type == "ready":
+            self._worker_ready(identity, msg)
+        elif msg.type == "refused":
+            log.error("a worker refused to join: %s", msg["message"])
+        elif worker is None:
+            self._send_worker(identity, protocol.encode("rejoin"))
+        elif msg.type in ("done", "failed"):
+            self._worker_result(worker, msg, frames[2:])
+
+    def _worker_ready(self, identity: bytes, msg: protocol.Message) -> None:
+        local = bool(msg.get("local", False))
+        worker = Worker(identity, msg["pid"], msg["host"], local, max(1, msg.get("capacity", 2)),
+                        msg.get("worker") if local else None)
+        if identity in self.workers:
+            self._requeue(self.workers.pop(identity))
+        self.workers[identity] = worker
+        log.info("worker %s (pid %d on %s) ready", worker.name, worker.pid, worker.host)
+
+    def _worker_result(self, worker: Worker, msg: protocol.Message, array_frames: list[zmq.Frame]) -> None:
+        task = worker.tasks.pop(msg["task"], None)
         if task is None:
             return  # a batch already requeued when its worker was declared dead
         if msg.type == "done":
             worker.batches += 1
             worker.busy_s += msg["busy_s"]
-            self._deliver(task, msg["rows"])
-        else:
-            self._release(task.client, task.dataset.slots, task.slot)
-            self._finish(task)
-            self._error(task.client, "batch_failed", msg["message"], epoch=task.epoch, index=task.index)
+            if task.slot is None:
+                self._forward(task, msg, array_frames)
+            else:
+                self._deliver(task, msg["rows"])
+            return
+        self._release(task)
+        self._finish(task)
+        self._error(task.client, "batch_failed", msg["message"], epoch=task.epoch, index=task.index)
 
     # -- dispatching and delivering ----------------------------------------------------------
 
@@ -239,64 +283,100 @@ class Broker:
         """Give every free worker a task, clients taking turns. True if work waits for a slot."""
         blocked = 0
         while self._runnable and blocked < len(self._runnable):
-            worker = self._least_busy_worker()
-            if worker is None:
+            if not any(w.free > 0 for w in self.workers.values()):
                 return False
             identity = self._runnable.popleft()
             client = self.clients.get(identity)
             if client is None or not client.pending:
                 continue
-            slots = client.dataset.slots
-            slot = slots.acquire() if client.held < slots.layout.nslots // 2 else None
-            if slot is None:
+            worker, slot = self._place(client)
+            if worker is None:
                 self._runnable.append(identity)
                 blocked += 1
                 continue
             blocked = 0
-            client.held += 1
             epoch, index = client.pending.popleft()
             self._task_ids += 1
             task = Task(self._task_ids, identity, client.dataset, epoch, index, slot, worker.identity)
             worker.tasks[task.id] = task
-            self._send_worker(worker, protocol.encode("task", {
-                "task": task.id, "dataset": client.dataset.name, "epoch": epoch, "index": index, "slot": slot,
-                "shard": [client.plan.rank, client.plan.world] if client.plan.world > 1 else None}))
+            fields = {"task": task.id, "dataset": client.dataset.name, "epoch": epoch, "index": index,
+                      "shard": [client.plan.rank, client.plan.world] if client.plan.world > 1 else None}
+            if slot is not None:
+                fields["slot"] = slot
+            self._send_worker(worker.identity, protocol.encode("task", fields))
             if client.pending:
                 self._runnable.append(identity)
         return blocked > 0
 
-    def _least_busy_worker(self) -> Worker | None:
-        best = min(self.workers.values(), key=lambda w: len(w.tasks), default=None)
-        return best if best is not None and len(best.tasks) < TASKS_PER_WORKER else None
+    def _place(self, client: Client) -> tuple[Worker | None, int | None]:
+        """The least loaded worker that can take this client's next batch, and its slot if local.
+        A client may hold at most half of its dataset's slots, so it cannot starve another."""
+        slots = client.dataset.slots
+        for worker in sorted(self.workers.values(), key=lambda w: len(w.tasks) / w.capacity):
+            if worker.free <= 0:
+                break
+            if not worker.local:
+                return worker, None
+            if slots is not None and client.held < slots.layout.nslots // 2:
+                slot = slots.acquire()
+                if slot is not None:
+                    client.held += 1
+                    return worker, slot
+        return None, None
 
     def _deliver(self, task: Task, rows: int) -> None:
+        """Send a local worker's batch straight from its shared-memory slot."""
         slots = task.dataset.slots
+        assert slots is not None and task.slot is not None
         client = self.clients.get(task.client)
         if client is None or (task.epoch, task.index) not in client.wanted:
-            self._release(task.client, slots, task.slot)
+            self._release(task)
             return
-        header = protocol.encode_header("batch", {"epoch": task.epoch, "index": task.index},
-                                        slots.layout.specs(rows))
+        header = protocol.encode_header("batch", {"epoch": task.epoch, "index": task.index}, slots.layout.specs(rows))
         frames = slots.layout.frames(slots.buf, task.slot, rows)
+        tracker = self._send_batch(task, header, frames, track=True)
+        if tracker is None:
+            self._release(task)
+        else:
+            self._sending.append((tracker, slots, task.slot, task.client))
+
+    def _forward(self, task: Task, msg: protocol.Message, array_frames: list[zmq.Frame]) -> None:
+        """Relay a remote worker's arrays, the received frames themselves, after checking them."""
+        client = self.clients.get(task.client)
+        if client is None or (task.epoch, task.index) not in client.wanted:
+            return
+        rows = msg["rows"]
+        expected = [(n, d, (rows, *s)) for n, d, s in task.dataset.specs]
+        got = [(n, a.dtype.str, a.shape) for n, a in msg.arrays.items()]
+        if got != expected or rows > task.dataset.plan.batch_size:
+            problem = f"a worker sent batch {task.index} as {got}, but this dataset's batches are {expected}"
+            log.error("%s (does that worker run another npyloader version or augment code?)", problem)
+            self._finish(task)
+            self._error(task.client, "batch_failed", problem, epoch=task.epoch, index=task.index)
+            return
+        header = protocol.encode_header("batch", {"epoch": task.epoch, "index": task.index}, expected)
+        self._send_batch(task, header, array_frames, track=False)
+
+    def _send_batch(self, task: Task, header: bytes, frames: list, track: bool) -> zmq.MessageTracker | None:
+        client = self.clients[task.client]
         try:
-            tracker = self.csock.send_multipart([task.client, header, *frames],
-                                                flags=zmq.NOBLOCK, copy=False, track=True)
+            tracker = self.csock.send_multipart([task.client, header, *frames], flags=zmq.NOBLOCK,
+                                                copy=False, track=track)
         except zmq.ZMQError as e:
-            self._release(task.client, slots, task.slot)
             if e.errno == errno.EHOSTUNREACH:
                 log.info("client %s is gone; dropping its session", task.client.hex())
                 self._drop_client(task.client)
             else:
                 client.pending.appendleft((task.epoch, task.index))
                 self._mark_runnable(task.client)
-            return
-        self._sending.append((tracker, slots, task.slot, task.client))
+            return None
         self._finish(task)
         nbytes = sum(len(f) for f in frames)
         client.batches += 1
         client.bytes += nbytes
         self.batches_sent += 1
         self.bytes_sent += nbytes
+        return tracker if track else None
 
     def _finish(self, task: Task) -> None:
         client = self.clients.get(task.client)
@@ -310,31 +390,60 @@ class Broker:
         for item in self._sending:
             tracker, slots, slot, identity = item
             if tracker.done:
-                self._release(identity, slots, slot)
+                self._free_slot(identity, slots, slot)
             else:
                 still.append(item)
         self._sending = still
 
-    def _release(self, identity: bytes, slots: SlotPool, slot: int) -> None:
+    def _release(self, task: Task) -> None:
+        if task.slot is not None and task.dataset.slots is not None:
+            self._free_slot(task.client, task.dataset.slots, task.slot)
+
+    def _free_slot(self, identity: bytes, slots: SlotPool, slot: int) -> None:
         slots.release(slot)
         client = self.clients.get(identity)
         if client is not None:
             client.held = max(0, client.held - 1)
 
-    def _worker_died(self, worker_id: int) -> None:
-        worker = next((w for w in self.workers.values() if w.worker_id == worker_id), None)
-        if worker is None:
+    # -- worker liveness -------------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now < self._next_beat:
             return
-        del self.workers[worker.identity]
+        self._next_beat = now + self.heartbeat_s
+        beat = protocol.encode("heartbeat")
+        for worker in list(self.workers.values()):
+            silent = now - worker.last_seen
+            if silent > SILENCE_BEATS * self.heartbeat_s:
+                log.warning("worker %s (pid %d on %s) silent for %.1fs; redoing its %d batch(es)",
+                            worker.name, worker.pid, worker.host, silent, len(worker.tasks))
+                self._remove_worker(worker)
+                if worker.local and worker.worker_id is not None:
+                    self.pool.kill(worker.worker_id)
+            else:
+                self._send_worker(worker.identity, beat)
+
+    def _local_worker_died(self, worker_id: int) -> None:
+        worker = next((w for w in self.workers.values() if w.local and w.worker_id == worker_id), None)
+        if worker is not None:
+            self._remove_worker(worker)
+
+    def _remove_worker(self, worker: Worker) -> None:
+        self.workers.pop(worker.identity, None)
+        self._requeue(worker)
+
+    def _requeue(self, worker: Worker) -> None:
         for task in sorted(worker.tasks.values(), key=lambda t: -t.id):
-            self._release(task.client, task.dataset.slots, task.slot)
+            self._release(task)
             client = self.clients.get(task.client)
             if client is not None and (task.epoch, task.index) in client.wanted:
                 client.pending.appendleft((task.epoch, task.index))
                 self._mark_runnable(task.client)
                 self.requeued += 1
         if worker.tasks:
-            log.warning("requeued %d batch(es) of dead worker %d", len(worker.tasks), worker_id)
+            log.warning("requeued %d batch(es) of worker %s", len(worker.tasks), worker.name)
+        worker.tasks.clear()
 
     def _mark_runnable(self, identity: bytes) -> None:
         if identity not in self._runnable:
@@ -355,11 +464,11 @@ class Broker:
             else:
                 log.warning("could not reply to client %s: %s", identity.hex(), e)
 
-    def _send_worker(self, worker: Worker, frames: list) -> None:
+    def _send_worker(self, identity: bytes, frames: list) -> None:
         try:
-            self.wsock.send_multipart([worker.identity, *frames], flags=zmq.NOBLOCK)
+            self.wsock.send_multipart([identity, *frames], flags=zmq.NOBLOCK)
         except zmq.ZMQError as e:
-            log.warning("could not reach worker %d: %s", worker.worker_id, e)
+            log.warning("could not reach worker %r: %s", identity, e)
 
     def _error(self, identity: bytes, code: str, message: str, **where: int) -> None:
         self._send_client(identity, protocol.encode("error", {"code": code, "message": message, **where}))
@@ -372,15 +481,14 @@ class Broker:
             "uptime_s": round(now - self._started, 3),
             "datasets": {
                 name: {"samples": ds.plan.num_samples, "batches": ds.plan.num_batches,
-                       "batch_size": ds.plan.batch_size, "free_slots": ds.slots.free}
+                       "batch_size": ds.plan.batch_size,
+                       "free_slots": ds.slots.free if ds.slots is not None else 0}
                 for name, ds in self.datasets.items()
             },
             "workers": {
-                "alive": self.pool.alive(), "ready": len(self.workers), "respawns": self.pool.respawns,
-                "requeued_batches": self.requeued,
-                "list": [{"id": w.worker_id, "pid": w.pid, "host": w.host, "batches": w.batches,
-                          "busy_s": round(w.busy_s, 3), "tasks": len(w.tasks)}
-                         for w in self.workers.values()],
+                "alive": self.pool.alive() + sum(not w.local for w in self.workers.values()),
+                "ready": len(self.workers), "respawns": self.pool.respawns, "requeued_batches": self.requeued,
+                "list": [_worker_stats(w, now) for w in self.workers.values()],
             },
             "clients": [{"id": c.identity.hex(), "dataset": c.dataset.name, "batches": c.batches,
                          "bytes": c.bytes, "wait_s": round(c.wait_s, 3), "pending": len(c.pending),
@@ -390,6 +498,13 @@ class Broker:
             "bytes_served": self.bytes_sent,
             "rejected": dict(self.rejected),
         }
+
+
+def _worker_stats(w: Worker, now: float) -> dict[str, Any]:
+    up = max(now - w.since, 1e-9)
+    return {"id": w.name, "pid": w.pid, "host": w.host, "local": w.local, "batches": w.batches,
+            "busy_s": round(w.busy_s, 3), "tasks": len(w.tasks), "batches_per_s": round(w.batches / up, 2),
+            "busy_pct": round(min(100.0, 100 * w.busy_s / up), 1), "last_heartbeat_s": round(now - w.last_seen, 3)}
 
 
 def _reason(e: Exception) -> str:

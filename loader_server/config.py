@@ -10,7 +10,10 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from loader_server.security import ServerCurve
 
 LAYOUTS = ("combined", "paired", "per-sample")
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
@@ -79,15 +82,23 @@ class ServeConfig:
     datasets: dict[str, DatasetConfig] = field(default_factory=dict)
     bind: str = DEFAULT_BIND
     workers: int = field(default_factory=default_workers)
+    worker_bind: str | None = None
     heartbeat_s: float = 1.0
+    curve: ServerCurve | None = None
 
     def __post_init__(self) -> None:
         if not self.datasets:
             raise ConfigError("no dataset configured: pass --data or --config FILE.toml")
-        if self.workers < 1:
-            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
-        if not self.bind.startswith(("tcp://", "ipc://")):
-            raise ConfigError(f"--bind {self.bind!r} must be a tcp:// or ipc:// endpoint")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be 0 or more, got {self.workers}")
+        if self.workers == 0 and not self.worker_bind:
+            raise ConfigError("--workers 0 leaves no one to build batches: add --worker-bind tcp://0.0.0.0:5556 "
+                              "and start `npyloader worker --connect` on other hosts")
+        for option, endpoint in (("--bind", self.bind), ("--worker-bind", self.worker_bind)):
+            if endpoint is not None and not endpoint.startswith(("tcp://", "ipc://")):
+                raise ConfigError(f"{option} {endpoint!r} must be a tcp:// or ipc:// endpoint")
+        if self.heartbeat_s <= 0:
+            raise ConfigError(f"--heartbeat must be positive, got {self.heartbeat_s}")
 
 
 def parse_shape(text: str, option: str = "--x-shape") -> tuple[int, ...]:

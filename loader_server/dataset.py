@@ -113,6 +113,12 @@ class DatasetIndex:
             h.update(repr(fields).encode())
         return h.hexdigest()
 
+    def manifest(self) -> list[tuple[str, int]]:
+        """(relative path, size) of every file in index order: what a remote worker compares
+        against the server's to name the first file that differs."""
+        relative = _relative_paths([path for path, _ in self.file_sizes])
+        return [(relative[path], size) for path, size in self.file_sizes]
+
     def _all_sources(self) -> tuple[ArraySource, ...]:
         extra = (self.labels,) if self.labels is not None else ()
         return self.x_sources + (self.y_sources or ()) + extra

@@ -13,9 +13,10 @@ import multiprocessing as mp
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from multiprocessing.process import BaseProcess
 
-from loader_server.worker import WorkerSpec, run_worker
+from loader_server.worker import run_worker
 
 log = logging.getLogger(__name__)
 
@@ -25,17 +26,20 @@ RESPAWN_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)
 @dataclass
 class _Child:
     process: BaseProcess
-    spec: WorkerSpec
     deaths: int = 0
     restart_at: float = 0.0
 
 
 class LocalPool:
-    """N worker processes; worker ids grow with every respawn so stale messages are recognisable."""
+    """N worker processes; worker ids grow with every respawn so stale messages are recognisable.
 
-    def __init__(self, make_spec: Callable[[int], WorkerSpec], size: int) -> None:
+    `make_spec(worker_id)` builds the one argument of `target`, the child's entry point.
+    """
+
+    def __init__(self, make_spec: Callable[[int], Any], size: int, target: Callable[[Any], None] = run_worker) -> None:
         self._ctx = mp.get_context("spawn")
         self._make_spec = make_spec
+        self._target = target
         self._children: dict[int, _Child] = {}
         self._next_id = 0
         self.respawns = 0
@@ -45,10 +49,10 @@ class LocalPool:
     def _start(self, deaths: int) -> int:
         worker_id = self._next_id
         self._next_id += 1
-        spec = self._make_spec(worker_id)
-        proc = self._ctx.Process(target=run_worker, args=(spec,), name=f"npyloader-worker-{worker_id}", daemon=True)
+        proc = self._ctx.Process(target=self._target, args=(self._make_spec(worker_id),),
+                                 name=f"npyloader-worker-{worker_id}", daemon=True)
         proc.start()
-        self._children[worker_id] = _Child(proc, spec, deaths)
+        self._children[worker_id] = _Child(proc, deaths)
         return worker_id
 
     def pids(self) -> dict[int, int | None]:
@@ -57,8 +61,15 @@ class LocalPool:
     def alive(self) -> int:
         return sum(c.process.is_alive() for c in self._children.values())
 
-    def reap(self) -> list[int]:
-        """Ids of workers that died since the last call; each is replaced after a short backoff."""
+    def kill(self, worker_id: int) -> None:
+        """SIGKILL a hung worker; `reap` then reports it and starts a replacement."""
+        child = self._children.get(worker_id)
+        if child is not None and not child.restart_at and child.process.is_alive():
+            child.process.kill()
+
+    def reap(self) -> list[tuple[int, int | None]]:
+        """(id, exit code) of workers that died since the last call; each is replaced after a
+        short backoff."""
         dead = []
         now = time.monotonic()
         for wid, child in list(self._children.items()):
@@ -68,7 +79,7 @@ class LocalPool:
             log.warning("worker %d (pid %s) exited with code %s; restarting it", wid, child.process.pid, code)
             child.process.close()
             child.restart_at = now + RESPAWN_BACKOFF_S[min(child.deaths, len(RESPAWN_BACKOFF_S) - 1)]
-            dead.append(wid)
+            dead.append((wid, code))
         for wid, child in list(self._children.items()):
             if child.restart_at and child.restart_at <= now:
                 del self._children[wid]

@@ -20,6 +20,7 @@ import numpy as np
 import zmq
 
 from loader_client import protocol
+from loader_server import remote
 from loader_server.augment import build_pipeline, sample_rng
 from loader_server.broker import Broker, ServedDataset
 from loader_server.config import ConfigError, DatasetConfig, ServeConfig
@@ -53,8 +54,16 @@ def output_arrays(index: DatasetIndex, cfg: DatasetConfig) -> list[tuple[str, st
             for name, v in (("x", x), ("y", y)) if v is not None]
 
 
-def _bind(sock: zmq.Socket, endpoint: str, option: str) -> str:
+LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
+
+
+def _bind(sock: zmq.Socket, endpoint: str, option: str, encrypted: bool = False) -> str:
     wildcard = endpoint[:-2] + ":*" if endpoint.startswith("tcp://") and endpoint.endswith(":0") else endpoint
+    host = endpoint[len("tcp://"):].rsplit(":", 1)[0] if endpoint.startswith("tcp://") else ""
+    if host and not host.startswith(LOOPBACK_HOSTS) and not encrypted:
+        log.warning("%s %s accepts plain, unauthenticated tcp from other machines: anyone who can reach "
+                    "it can read batches; use --curve-secret-key and --authorized-keys (npyloader keygen)",
+                    option, endpoint)
     try:
         sock.bind(wildcard)
     except zmq.ZMQError as e:
@@ -76,6 +85,7 @@ class Server:
         self._ctx = zmq.Context()
         self._datasets: dict[str, ServedDataset] = {}
         self._pool: LocalPool | None = None
+        self._auth = None
         self._csock = self._wsock = None
         try:
             self._setup()
@@ -84,35 +94,52 @@ class Server:
             raise
 
     def _setup(self) -> None:
-        nslots = max(MIN_SLOTS, SLOTS_PER_WORKER * self.cfg.workers)
-        worker_datasets = {}
-        for name, dcfg in self.cfg.datasets.items():
-            index = build_index(dcfg)
-            arrays = output_arrays(index, dcfg)
+        cfg = self.cfg
+        nslots = max(MIN_SLOTS, SLOTS_PER_WORKER * cfg.workers)
+        indexes, specs, worker_datasets = {}, {}, {}
+        for name, dcfg in cfg.datasets.items():
+            index = indexes[name] = build_index(dcfg)
+            arrays = specs[name] = output_arrays(index, dcfg)
             plan = Plan(index.num_samples, dcfg.batch_size, dcfg.seed, dcfg.shuffle, dcfg.drop_remainder)
             if plan.num_batches == 0:
                 raise ConfigError(f"dataset '{name}': {index.num_samples} samples make no full batch of "
                                   f"{dcfg.batch_size} with --drop-remainder; lower --batch-size")
-            slots = SlotPool(nslots, dcfg.batch_size, arrays)
-            self._datasets[name] = ServedDataset(name, index, plan, slots)
-            worker_datasets[name] = WorkerDataset(index, plan, dcfg.augment, slots.layout)
+            slots = SlotPool(nslots, dcfg.batch_size, arrays) if cfg.workers else None
+            self._datasets[name] = ServedDataset(name, index, plan, arrays, slots)
+            worker_datasets[name] = WorkerDataset(index, plan, dcfg.augment, tuple(arrays),
+                                                  slots.layout if slots else None)
 
-        self._csock = self._ctx.socket(zmq.ROUTER)
+        if cfg.curve is not None:
+            self._auth = cfg.curve.start_authenticator(self._ctx)
+        self._csock = self._socket(protocol.MAX_REQUEST_BYTES)
         self._csock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self._csock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_REQUEST_BYTES)
         self._csock.setsockopt(zmq.SNDHWM, 4 * protocol.MAX_CREDIT)
-        self._csock.setsockopt(zmq.LINGER, 0)
-        self.endpoint = _bind(self._csock, self.cfg.bind, "--bind")
+        self.endpoint = _bind(self._csock, cfg.bind, "--bind", cfg.curve is not None)
 
-        self._wsock = self._ctx.socket(zmq.ROUTER)
-        self._wsock.setsockopt(zmq.LINGER, 0)
-        self._wsock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_REQUEST_BYTES)
+        largest_batch = max(sum(d.batch_size * int(np.prod(s)) * np.dtype(t).itemsize for _, t, s in specs[n])
+                            for n, d in cfg.datasets.items())
+        self._wsock = self._socket(largest_batch + protocol.MAX_REQUEST_BYTES)
         worker_endpoint = _bind(self._wsock, f"ipc://{self._ipc_dir}/workers", "worker endpoint")
+        setup = remote.describe(cfg.datasets, indexes, specs)
+        self.worker_endpoint = None
+        if cfg.worker_bind:
+            self.worker_endpoint = _bind(self._wsock, cfg.worker_bind, "--worker-bind", cfg.curve is not None)
+            log.info("remote workers may join at %s; data root %s (a worker keeping the data elsewhere "
+                     "passes that folder as --data-root)", self.worker_endpoint, setup["root"])
 
         parent = os.getpid()
         self._pool = LocalPool(
-            lambda wid: WorkerSpec(wid, worker_endpoint, worker_datasets, parent), self.cfg.workers)
-        self.broker = Broker(self._datasets, self._csock, self._wsock, self._pool)
+            lambda wid: WorkerSpec(wid, worker_endpoint, worker_datasets, parent, cfg.heartbeat_s), cfg.workers)
+        self.broker = Broker(self._datasets, self._csock, self._wsock, self._pool, setup, cfg.heartbeat_s)
+
+    def _socket(self, max_message: int) -> zmq.Socket:
+        """A ROUTER with a bound on inbound messages, encrypted when CURVE is configured."""
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message)
+        if self.cfg.curve is not None:
+            self.cfg.curve.apply(sock)
+        return sock
 
     def ready_line(self) -> str:
         plans = [ds.plan for ds in self._datasets.values()]
@@ -137,6 +164,8 @@ class Server:
         for sock in (self._csock, self._wsock):
             if sock is not None:
                 sock.close(0)
+        if self._auth is not None:
+            self._auth.stop()
         self._ctx.term()
         for ds in self._datasets.values():
             ds.slots.close()

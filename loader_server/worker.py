@@ -1,19 +1,26 @@
-"""The worker loop: read samples, augment them, assemble whole batches into shared memory.
+"""The worker loop: read samples, augment them, assemble whole batches.
 
-A worker is deliberately dumb: the broker says which samples make batch i of epoch e and
-which slot to fill; the worker never decides order. Each sample's randomness comes from
+A worker is deliberately dumb: the broker says which batch of which epoch to build; the
+worker never decides order. Each sample's randomness comes from
 SeedSequence([seed, epoch, sample_id]), so which worker ran a batch never changes its bytes.
-Any failure is reported back with the sample, file, row and op that failed, and the worker
-keeps serving; a worker whose server disappears exits instead of lingering as an orphan.
+
+Two kinds run the same loop. A local worker (a child of `npyloader serve`) fills a slot of the
+server's shared memory; a remote worker (`npyloader worker --connect`, on any host) returns
+the arrays inline and the server forwards them. In both, the main thread owns the socket and
+heartbeats while a compute thread builds batches, so a worker busy with a long batch is still
+seen alive, and a stopped or vanished one is noticed by its silence.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +34,10 @@ from loader_server.slots import SlotLayout, SlotReader
 
 log = logging.getLogger(__name__)
 
-POLL_MS = 500
+TASKS_IN_FLIGHT = 2
+WORKER_MESSAGES = frozenset({"task", "stop", "heartbeat", "rejoin", "setup"})
+
+Specs = list[tuple[str, str, tuple[int, ...]]]
 
 
 @dataclass(frozen=True)
@@ -37,49 +47,47 @@ class WorkerDataset:
     index: DatasetIndex
     plan: Plan
     augment: tuple[str, ...]
-    layout: SlotLayout
+    specs: tuple[tuple[str, str, tuple[int, ...]], ...]
+    layout: SlotLayout | None = None
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
+    """A local worker: its id, the server's ipc endpoint, and the datasets with their slots."""
+
     worker_id: int
     endpoint: str
     datasets: dict[str, WorkerDataset]
     parent_pid: int
+    heartbeat_s: float = 1.0
 
 
 class BatchBuilder:
-    """Fills one slot with batch i of epoch e of one dataset: gather, augment, check, place."""
+    """Builds batch i of epoch e of one dataset: gather, augment, check, place."""
 
-    def __init__(self, ds: WorkerDataset, slots: SlotReader) -> None:
+    def __init__(self, ds: WorkerDataset) -> None:
         self.ds = ds
         self.reader = SampleReader(ds.index)
         self.pipeline: Pipeline = build_pipeline(ds.augment, spatial_targets=ds.index.spec.spatial_targets)
-        self._slots = slots
 
-    def build(self, epoch: int, index: int, slot: int, shard: list[int] | None = None) -> int:
-        samples = self.ds.plan.for_shard(shard).batch(epoch, index)
-        rows = len(samples)
-        outs = self.ds.layout.views(self._slots.buffer(self.ds.layout), slot, rows)
+    def fill(self, epoch: int, samples: np.ndarray, outs: list[np.ndarray]) -> None:
         for j, sid in enumerate(samples.tolist()):
             try:
                 if not len(self.pipeline):
                     self.reader.read_into(sid, outs, j)
                     continue
-                values = self._augmented(epoch, sid)
-                for out, value, layout in zip(outs, values, self.ds.layout.arrays):
-                    _place(out, j, value, layout.name)
+                x, y = self.reader.read(sid)
+                x, y = self.pipeline(x, y, sample_rng(self.ds.plan.seed, epoch, sid))
+                for out, value, (name, _, _) in zip(outs, (x,) if y is None else (x, y), self.ds.specs):
+                    _place(out, j, value, name)
             except DatasetError:
                 raise
             except Exception as e:
                 path, row = self.reader.locate(sid)
                 raise RuntimeError(f"sample {sid} ({path} row {row}): {e}") from e
-        return rows
 
-    def _augmented(self, epoch: int, sid: int) -> tuple[np.ndarray, ...]:
-        x, y = self.reader.read(sid)
-        x, y = self.pipeline(x, y, sample_rng(self.ds.plan.seed, epoch, sid))
-        return (x,) if y is None else (x, y)
+    def samples(self, epoch: int, index: int, shard: list[int] | None) -> np.ndarray:
+        return self.ds.plan.for_shard(shard).batch(epoch, index)
 
     def close(self) -> None:
         self.reader.close()
@@ -95,6 +103,126 @@ def _place(out: np.ndarray, row: int, value: np.ndarray, name: str) -> None:
     out[row] = value
 
 
+class TaskRunner:
+    """Turns a task message into the reply frames; runs on the compute thread."""
+
+    def __init__(self, datasets: dict[str, WorkerDataset], slots: SlotReader | None) -> None:
+        self.builders = {name: BatchBuilder(ds) for name, ds in datasets.items()}
+        self._slots = slots
+
+    def __call__(self, msg: protocol.Message) -> list:
+        started = time.perf_counter()
+        try:
+            builder = self.builders.get(msg["dataset"])
+            if builder is None:
+                raise RuntimeError(f"unknown dataset '{msg['dataset']}'")
+            samples = builder.samples(msg["epoch"], msg["index"], msg.get("shard"))
+            arrays = self._outputs(builder.ds, msg.get("slot"), len(samples))
+            builder.fill(msg["epoch"], samples, arrays)
+        except Exception as e:
+            log.error("batch %d of epoch %d of '%s' failed: %s", msg["index"], msg["epoch"], msg["dataset"], e)
+            return protocol.encode("failed", {"task": msg["task"], "message": str(e)})
+        fields = {"task": msg["task"], "rows": len(samples), "busy_s": time.perf_counter() - started}
+        if msg.get("slot") is not None:
+            return protocol.encode("done", fields)
+        return protocol.encode("done", fields, [(name, a) for (name, _, _), a in zip(builder.ds.specs, arrays)])
+
+    def _outputs(self, ds: WorkerDataset, slot: int | None, rows: int) -> list[np.ndarray]:
+        if slot is None:
+            return [np.empty((rows, *shape), dtype=dtype) for _, dtype, shape in ds.specs]
+        if ds.layout is None or self._slots is None or slot >= ds.layout.nslots:
+            raise RuntimeError(f"slot {slot} was assigned, but this worker has no shared memory for it")
+        return ds.layout.views(self._slots.buffer(ds.layout), slot, rows)
+
+    def close(self) -> None:
+        for b in self.builders.values():
+            b.close()
+
+
+class WorkerLoop:
+    """The socket side of a worker: hands tasks to the compute thread, sends its replies back,
+    and heartbeats. `hello` is what the worker sends to (re)join the server."""
+
+    def __init__(self, ctx: zmq.Context, sock: zmq.Socket, runner: Callable[[protocol.Message], list] | None,
+                 hello: list, heartbeat_s: float) -> None:
+        self.ctx = ctx
+        self.sock = sock
+        self.runner = runner
+        self.hello = hello
+        self.heartbeat_s = heartbeat_s
+        self.last_heard = time.monotonic()
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._replies: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake_addr = f"inproc://npyloader-worker-{id(self)}"
+        self._wake_rx = ctx.socket(zmq.PAIR)
+        self._wake_rx.bind(self._wake_addr)
+        self._thread = threading.Thread(target=self._compute, name="npyloader-compute", daemon=True)
+        self._thread.start()
+
+    def _compute(self) -> None:
+        wake = self.ctx.socket(zmq.PAIR)
+        wake.connect(self._wake_addr)
+        try:
+            while (msg := self._tasks.get()) is not None:
+                self._replies.put(self.runner(msg) if self.runner else [])
+                wake.send(b"")
+        finally:
+            wake.close(0)
+
+    def run(self, should_stop: Callable[[], bool], on_message: Callable[[protocol.Message], bool] | None = None,
+            silence_s: float | None = None) -> str:
+        """Serve until stopped. Returns "stop", or "silent" when the server went quiet for `silence_s`."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
+        next_beat = 0.0
+        while not should_stop():
+            events = dict(poller.poll(int(self.heartbeat_s * 250)))
+            if self._wake_rx in events:
+                while self._wake_rx.poll(0):
+                    self._wake_rx.recv()
+                while not self._replies.empty():
+                    self.sock.send_multipart(self._replies.get(), copy=False)
+            if self.sock in events:
+                for _ in range(64):
+                    try:
+                        frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    if self._on_frames(frames, on_message) == "stop":
+                        return "stop"
+            now = time.monotonic()
+            if now >= next_beat:
+                self.sock.send_multipart(protocol.encode("heartbeat"))
+                next_beat = now + self.heartbeat_s
+            if silence_s is not None and now - self.last_heard > silence_s:
+                return "silent"
+        return "stop"
+
+    def _on_frames(self, frames: list, on_message: Callable[[protocol.Message], bool] | None) -> str | None:
+        try:
+            msg = protocol.decode(frames, allowed=WORKER_MESSAGES, max_header_bytes=protocol.MAX_SETUP_BYTES)
+        except Exception as e:  # one bad message must not stop the worker
+            log.error("dropped a malformed message from the server: %s", e)
+            return None
+        self.last_heard = time.monotonic()
+        if msg.type == "stop":
+            return "stop"
+        if msg.type == "task":
+            self._tasks.put(msg)
+        elif msg.type == "rejoin":
+            log.info("the server does not know this worker (restarted?); joining again")
+            self.sock.send_multipart(self.hello)
+        elif on_message is not None:
+            on_message(msg)
+        return None
+
+    def close(self) -> None:
+        self._tasks.put(None)
+        self._thread.join(30)
+        self._wake_rx.close(0)
+
+
 def run_worker(spec: WorkerSpec) -> None:
     """Entry point of a local worker process (started by the pool with the spawn method)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -102,47 +230,19 @@ def run_worker(spec: WorkerSpec) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, f"local-{spec.worker_id}".encode())
     sock.connect(spec.endpoint)
     slots = SlotReader()
-    builders = {name: BatchBuilder(ds, slots) for name, ds in spec.datasets.items()}
+    runner = TaskRunner(spec.datasets, slots)
+    hello = protocol.encode("ready", {"worker": spec.worker_id, "pid": os.getpid(), "host": socket.gethostname(),
+                                      "capacity": TASKS_IN_FLIGHT, "local": True})
+    loop = WorkerLoop(ctx, sock, runner, hello, spec.heartbeat_s)
+    sock.send_multipart(hello)
     try:
-        _serve(sock, spec, builders)
+        loop.run(lambda: os.getppid() != spec.parent_pid)
     finally:
-        for b in builders.values():
-            b.close()
+        loop.close()
+        runner.close()
         slots.close()
         sock.close(0)
         ctx.term()
-
-
-def _serve(sock: zmq.Socket, spec: WorkerSpec, builders: dict[str, BatchBuilder]) -> None:
-    sock.send_multipart(protocol.encode("ready", {
-        "worker": spec.worker_id, "pid": os.getpid(), "host": socket.gethostname()}))
-    while True:
-        if not sock.poll(POLL_MS):
-            if os.getppid() != spec.parent_pid:
-                log.warning("server (pid %d) is gone; exiting", spec.parent_pid)
-                return
-            continue
-        try:
-            msg = protocol.decode(sock.recv_multipart(), allowed=frozenset({"task", "stop"}))
-        except Exception as e:  # one bad message must not stop the worker
-            log.error("dropped a malformed message from the server: %s", e)
-            continue
-        if msg.type == "stop":
-            return
-        sock.send_multipart(_run_task(msg, builders))
-
-
-def _run_task(msg: protocol.Message, builders: dict[str, BatchBuilder]) -> list:
-    started = time.perf_counter()
-    builder = builders.get(msg["dataset"])
-    try:
-        if builder is None:
-            raise RuntimeError(f"unknown dataset '{msg['dataset']}'")
-        rows = builder.build(msg["epoch"], msg["index"], msg["slot"], msg.get("shard"))
-    except Exception as e:
-        log.error("batch %d of epoch %d of '%s' failed: %s", msg["index"], msg["epoch"], msg["dataset"], e)
-        return protocol.encode("failed", {"task": msg["task"], "message": str(e)})
-    busy = time.perf_counter() - started
-    return protocol.encode("done", {"task": msg["task"], "rows": rows, "busy_s": busy})

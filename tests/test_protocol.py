@@ -77,6 +77,11 @@ def test_every_message_type_round_trips_with_its_required_fields():
         "task": {"task": 1, "dataset": "train", "epoch": 0, "index": 0, "slot": 3},
         "done": {"task": 1, "rows": 16, "busy_s": 0.01},
         "failed": {"task": 1, "message": "boom"},
+        "join": {"pid": 1234, "host": "worker-host"},
+        "setup": {"root": "/data", "heartbeat_s": 1.0,
+                  "datasets": [{"name": "train", "fingerprint": "ab", "manifest": [["a.npy", 128]]}]},
+        "refused": {"message": "dataset 'train': file #0 differs"},
+        "heartbeat": {}, "rejoin": {},
     }
     assert set(examples) == set(protocol.SCHEMAS)
     for mtype, fields in examples.items():
