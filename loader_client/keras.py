@@ -18,7 +18,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from loader_client.stream import Batch, Connection
+from loader_client.stream import Batch, Connection, Curve
 
 PREFETCH_BYTES = 512 << 20
 MAX_DEFAULT_PREFETCH = 16
@@ -34,19 +34,20 @@ class RemoteSequence(keras.utils.PyDataset):
 
     `seq[i]` is batch i of the current epoch, `(x, y)` (or `x` for datasets without targets);
     `on_epoch_end()` (Keras calls it) moves to the next epoch. `shard=(rank, world)` gives each
-    of `world` trainers a disjoint slice of every epoch.
+    of `world` trainers a disjoint slice of every epoch. `curve=(my.key_secret, server.key)`
+    connects to a server secured with CURVE.
     """
 
     def __init__(self, url: str, dataset: str = "train", timeout: float = 30.0,
                  prefetch: int | None = None, shard: tuple[int, int] | None = None,
-                 epoch: int = 0, **kwargs: Any) -> None:
+                 epoch: int = 0, curve: Curve = None, **kwargs: Any) -> None:
         if kwargs.pop("use_multiprocessing", False):
             raise ValueError(
                 "RemoteSequence(use_multiprocessing=True) would fork the training process; "
                 "loading already runs in the server's worker processes, so leave it off")
         if prefetch is not None and prefetch < 1:
             raise ValueError(f"prefetch must be at least 1, got {prefetch}")
-        self._conn = Connection(url, dataset, timeout=timeout, shard=shard)
+        self._conn = Connection(url, dataset, timeout=timeout, shard=shard, curve=curve)
         info = self._conn.info
         batch_bytes = sum(info.batch_size * int(np.prod(s)) * np.dtype(d).itemsize for _, d, s in info.specs)
         self.prefetch = prefetch or default_prefetch(batch_bytes)

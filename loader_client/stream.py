@@ -24,6 +24,7 @@ import numpy as np
 import zmq
 
 from loader_client import protocol
+from loader_client.security import ClientCurve
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ _ids = itertools.count()
 
 Batch = tuple[np.ndarray, ...]
 Key = tuple[int, int]
+Curve = ClientCurve | tuple[str, str] | None
 
 
 class ServerError(RuntimeError):
@@ -54,12 +56,13 @@ class Connection:
     """A session with one server for one dataset (and shard); thread-safe for callers."""
 
     def __init__(self, url: str, dataset: str = "train", *, timeout: float = 30.0,
-                 shard: tuple[int, int] | None = None) -> None:
+                 shard: tuple[int, int] | None = None, curve: Curve = None) -> None:
         if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
             raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
         self.url = url
         self.dataset = dataset
         self.timeout = timeout
+        self._curve = as_curve(curve)
         self._shard = list(shard) if shard else None
         self._cv = threading.Condition()
         self._ready: dict[Key, Batch] = {}
@@ -199,6 +202,8 @@ class Connection:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 200)
         sock.setsockopt(zmq.RCVHWM, 0)
+        if self._curve is not None:
+            self._curve.apply(sock)
         sock.connect(self.url)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -303,11 +308,22 @@ class Connection:
             self._fatal = ServerError(f"{self.url} refused a request: {text}")
 
 
-def request_stats(url: str, timeout: float = 5.0) -> dict:
+def as_curve(curve: Curve) -> ClientCurve | None:
+    """`curve=` accepts a ClientCurve or (this peer's .key_secret, the server's .key)."""
+    if curve is None or isinstance(curve, ClientCurve):
+        return curve
+    secret_key_file, server_key_file = curve
+    return ClientCurve.from_files(secret_key_file, server_key_file)
+
+
+def request_stats(url: str, timeout: float = 5.0, curve: Curve = None) -> dict:
     """One stats round trip on a throwaway socket: usable without a dataset session."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    keys = as_curve(curve)
+    if keys is not None:
+        keys.apply(sock)
     try:
         sock.connect(url)
         sock.send_multipart(protocol.encode("stats"))
@@ -329,12 +345,12 @@ class BatchStream:
     """
 
     def __init__(self, url: str, dataset: str = "train", epoch: int = 0, timeout: float = 30.0,
-                 prefetch: int = DEFAULT_PREFETCH, shard: tuple[int, int] | None = None) -> None:
+                 prefetch: int = DEFAULT_PREFETCH, shard: tuple[int, int] | None = None, curve: Curve = None) -> None:
         if prefetch < 1:
             raise ValueError(f"prefetch must be at least 1, got {prefetch}")
         self.epoch = epoch
         self.prefetch = prefetch
-        self._conn = Connection(url, dataset, timeout=timeout, shard=shard)
+        self._conn = Connection(url, dataset, timeout=timeout, shard=shard, curve=curve)
 
     @property
     def info(self) -> DatasetInfo:

@@ -1,4 +1,4 @@
-"""The `npyloader` command: serve, stats, bench, demo-data.
+"""The `npyloader` command: serve, worker, stats, keygen, bench, demo-data.
 
 Flags are parsed into the config dataclasses here and nowhere else; any mistake a user can
 make ends as one line on stderr naming the option or file, and exit status 2.
@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
+
+from loader_client.security import ClientCurve, CurveKeyError
 
 from loader_server.config import (
     DEFAULT_BIND, LAYOUTS, ConfigError, DatasetConfig, ServeConfig, default_workers, load_toml, parse_shape,
@@ -38,6 +41,19 @@ def _dataset_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", default="train", metavar="NAME", help="name clients ask for (default train)")
 
 
+def _client_curve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--curve-secret-key", metavar="FILE", help="this peer's .key_secret, for a CURVE server")
+    p.add_argument("--curve-server-key", metavar="FILE", help="the server's public .key")
+
+
+def _client_curve(args: argparse.Namespace) -> ClientCurve | None:
+    if not (args.curve_secret_key or args.curve_server_key):
+        return None
+    if not (args.curve_secret_key and args.curve_server_key):
+        raise ConfigError("CURVE needs both --curve-secret-key and --curve-server-key")
+    return ClientCurve.from_files(args.curve_secret_key, args.curve_server_key)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="npyloader", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -51,12 +67,32 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="FILE.toml", help="several datasets: [datasets.NAME] tables")
     serve.add_argument("--bind", default=None, help=f"client endpoint (default {DEFAULT_BIND})")
     serve.add_argument("--workers", type=int, default=None,
-                       help=f"worker processes (default {default_workers()}: one less than the cores)")
+                       help=f"local worker processes (default {default_workers()}: one less than the cores; "
+                            "0 = remote workers only)")
+    serve.add_argument("--worker-bind", metavar="ENDPOINT",
+                       help="also accept remote workers here, e.g. tcp://0.0.0.0:5556")
+    serve.add_argument("--heartbeat", type=float, default=1.0, metavar="SECONDS",
+                       help="worker heartbeat interval; a worker silent for 3 of them is replaced")
+    serve.add_argument("--curve-secret-key", metavar="FILE", help="this server's .key_secret (npyloader keygen)")
+    serve.add_argument("--authorized-keys", metavar="DIR", help="public keys (*.key) of clients and workers to admit")
+
+    worker = sub.add_parser("worker", help="join a server from this machine and build batches for it")
+    worker.add_argument("--connect", required=True, metavar="ENDPOINT", help="the server's --worker-bind, e.g. tcp://HOST:5556")
+    worker.add_argument("--processes", type=int, default=default_workers(), help="worker processes on this machine")
+    worker.add_argument("--data-root", metavar="PATH",
+                        help="where this machine keeps the data, if not at the server's paths")
+    worker.add_argument("--heartbeat", type=float, default=1.0, metavar="SECONDS")
+    _client_curve_flags(worker)
+
+    keygen = sub.add_parser("keygen", help="make a CURVE key pair: NAME.key (public) and NAME.key_secret")
+    keygen.add_argument("dir")
+    keygen.add_argument("--name", default="npyloader", help="file name stem (default npyloader)")
 
     stats = sub.add_parser("stats", help="show a running server's datasets, workers and clients")
     stats.add_argument("endpoint", nargs="?", default=DEFAULT_BIND)
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     stats.add_argument("--timeout", type=float, default=5.0)
+    _client_curve_flags(stats)
 
     bench = sub.add_parser("bench", help="measure npyloader next to the tutorial's generator on the same files")
     bench.add_argument("--quick", action="store_true", help="small data, for a smoke test")
@@ -90,7 +126,16 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
         datasets = {dcfg.name: dcfg}
     bind = args.bind or server.get("bind", DEFAULT_BIND)
     workers = args.workers if args.workers is not None else server.get("workers", default_workers())
-    return ServeConfig(datasets=datasets, bind=bind, workers=workers)
+    worker_bind = args.worker_bind or server.get("worker_bind")
+    curve = None
+    if args.curve_secret_key or args.authorized_keys:
+        if not (args.curve_secret_key and args.authorized_keys):
+            raise ConfigError("CURVE needs both --curve-secret-key and --authorized-keys")
+        from loader_server.security import ServerCurve
+
+        curve = ServerCurve.from_files(args.curve_secret_key, args.authorized_keys)
+    return ServeConfig(datasets=datasets, bind=bind, workers=workers, worker_bind=worker_bind,
+                       heartbeat_s=args.heartbeat, curve=curve)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -103,7 +148,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_stats(args: argparse.Namespace) -> int:
     from loader_client.stream import request_stats
 
-    stats = request_stats(args.endpoint, args.timeout)
+    stats = request_stats(args.endpoint, args.timeout, curve=_client_curve(args))
     if args.json:
         print(json.dumps(stats, indent=2, sort_keys=True))
     else:
@@ -139,6 +184,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from loader_server.remote import RemoteWorkerSpec, run_workers
+
+    if args.processes < 1:
+        raise ConfigError(f"--processes must be at least 1, got {args.processes}")
+    spec = RemoteWorkerSpec(args.connect, args.data_root, args.heartbeat, os.getpid(), _client_curve(args))
+    return run_workers(spec, args.processes)
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from loader_server.security import keygen
+
+    public, secret = keygen(args.dir, args.name)
+    print(f"wrote {public} (public: give it to the server's --authorized-keys, or to peers as "
+          f"--curve-server-key) and {secret} (secret: keep it private)")
+    return 0
+
+
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from loader_server.demo_data import write_demo_data
 
@@ -147,7 +210,8 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": _cmd_serve, "stats": _cmd_stats, "bench": _cmd_bench, "demo-data": _cmd_demo_data}
+COMMANDS = {"serve": _cmd_serve, "worker": _cmd_worker, "stats": _cmd_stats, "keygen": _cmd_keygen,
+            "bench": _cmd_bench, "demo-data": _cmd_demo_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DatasetError, AugmentError, TimeoutError) as e:
+    except (ConfigError, DatasetError, AugmentError, CurveKeyError, TimeoutError) as e:
         print(f"npyloader {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
