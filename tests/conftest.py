@@ -14,13 +14,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 READY = re.compile(r"serving .* at (tcp://\S+|ipc://\S+)")
+WORKER_ENDPOINT = re.compile(r"remote workers may join at (tcp://[^\s;]+)")
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> object:
@@ -68,7 +69,7 @@ class ServerProcess:
     proc: subprocess.Popen
     log_path: Path
     endpoint: str = ""
-    worker_pids: list[int] = field(default_factory=list)
+    worker_endpoint: str = ""
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -97,6 +98,40 @@ class ServerProcess:
                 raise AssertionError(f"server did not stop within {timeout}s of signal {sig}:\n{self.log()[-3000:]}")
             wait_for(lambda: not any(pid_alive(p) for p in every_child), 10, "worker processes to exit")
         return self.proc.returncode
+
+
+@dataclass
+class WorkerProcess:
+    """A running `npyloader worker` and its log; `pids()` are its worker processes."""
+
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def pids(self) -> list[int]:
+        return ServerProcess(self.proc, self.log_path).workers()
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start `npyloader worker --connect ENDPOINT ARGS`; every one is stopped at teardown."""
+    started: list[WorkerProcess] = []
+
+    def start(endpoint: str, *args: str, processes: int = 1, env: dict | None = None,
+              popen: Callable[..., subprocess.Popen] = subprocess.Popen) -> WorkerProcess:
+        log_path = tmp_path / f"worker-{len(started)}.log"
+        with open(log_path, "w") as log:
+            proc = popen(serve_command("worker", "--connect", endpoint, "--processes", str(processes), *args),
+                         stdout=log, stderr=subprocess.STDOUT,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        started.append(WorkerProcess(proc, log_path))
+        return started[-1]
+
+    yield start
+    for worker in started:
+        ServerProcess(worker.proc, worker.log_path).stop()
 
 
 def serve_command(*args: str) -> list[str]:
@@ -130,6 +165,8 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
             return m.group(1) if m else None
 
         server.endpoint = wait_for(ready, ready_timeout, "the server's ready line")
+        found = WORKER_ENDPOINT.search(server.log())
+        server.worker_endpoint = found.group(1) if found else ""
         wait_for(lambda: len(server.workers()) >= int(argv[argv.index("--workers") + 1]), 30, "worker processes")
         return server
 
