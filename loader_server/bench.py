@@ -105,25 +105,63 @@ def to_result(loader: str, wl: Workload, wall: float, nbytes: int, cpu: float) -
     return Result(loader, wl.name, wl.samples / wall, nbytes / wall / 1e6, cpu / (nbytes / 1e9))
 
 
-def run_npyloader(folder: Path, wl: Workload, workers: int, repeats: int, log_dir: Path) -> Result:
-    from loader_client import BatchStream
+def _start(args: list[str], log_path: Path) -> subprocess.Popen:
+    with open(log_path, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "loader_server.cli", *args], stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
-    args = [sys.executable, "-m", "loader_server.cli", "serve", "--data", str(folder), "--label-column", "-1",
-            "--x-shape", f"{wl.side},{wl.side}", "--batch-size", str(ROWS_PER_FILE), "--workers", str(workers),
-            "--bind", "tcp://127.0.0.1:0"]
+
+def _serve_args(folder: Path, wl: Workload, workers: int) -> list[str]:
+    args = ["serve", "--data", str(folder), "--label-column", "-1", "--x-shape", f"{wl.side},{wl.side}",
+            "--batch-size", str(ROWS_PER_FILE), "--workers", str(workers), "--bind", "tcp://127.0.0.1:0"]
     for spec in wl.augment:
         args += ["--augment", spec]
+    return args
+
+
+def _stream_result(url: str, loader: str, wl: Workload, repeats: int) -> Result:
+    from loader_client import BatchStream
+
+    with BatchStream(url, timeout=60, prefetch=16) as stream:
+        wall, nbytes, cpu = measure(lambda e: iter(stream), repeats)
+    return to_result(loader, wl, wall, nbytes, cpu)
+
+
+def run_npyloader(folder: Path, wl: Workload, workers: int, repeats: int, log_dir: Path) -> Result:
     log_path = log_dir / f"server-{wl.name}-{workers}.log"
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = _start(_serve_args(folder, wl, workers), log_path)
     try:
-        url = _wait_ready(proc, log_path)
-        with BatchStream(url, timeout=60, prefetch=16) as stream:
-            wall, nbytes, cpu = measure(lambda e: iter(stream), repeats)
-        return to_result(f"npyloader tcp, {workers} workers", wl, wall, nbytes, cpu)
+        return _stream_result(_wait_ready(proc, log_path), f"npyloader tcp, {workers} workers", wl, repeats)
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def run_scale_out(folder: Path, wl: Workload, repeats: int, log_dir: Path) -> list[Result]:
+    """One local worker, then the same server with a remote worker (`npyloader worker` over
+    loopback tcp) joined: what adding a host's worker buys, measured in one run."""
+    from loader_client import request_stats
+
+    log_path = log_dir / f"server-{wl.name}-scale.log"
+    server = _start([*_serve_args(folder, wl, 1), "--worker-bind", "tcp://127.0.0.1:0"], log_path)
+    worker = None
+    try:
+        url = _wait_ready(server, log_path)
+        joined = re.search(r"remote workers may join at (tcp://[^\s;]+)", log_path.read_text()).group(1)
+        results = [_stream_result(url, "npyloader tcp, 1 local worker", wl, repeats)]
+        worker = _start(["worker", "--connect", joined, "--processes", "1"], log_dir / "worker-scale.log")
+        deadline = time.monotonic() + 60
+        while len(request_stats(url)["workers"]["list"]) < 2:
+            if time.monotonic() > deadline or worker.poll() is not None:
+                raise RuntimeError(f"the remote worker did not join; see {log_dir / 'worker-scale.log'}")
+            time.sleep(0.05)
+        results.append(_stream_result(url, "npyloader tcp, 1 local + 1 remote worker", wl, repeats))
+        return results
+    finally:
+        for proc in (worker, server):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(30)
 
 
 def _wait_ready(proc: subprocess.Popen, log_path: Path, timeout: float = 120.0) -> str:
@@ -138,7 +176,7 @@ def _wait_ready(proc: subprocess.Popen, log_path: Path, timeout: float = 120.0) 
     raise TimeoutError(f"bench server not ready within {timeout:g}s; see {log_path}")
 
 
-def run(workloads: list[str], workers: int, repeats: int, quick: bool) -> list[Result]:
+def run(workloads: list[str], workers: int, repeats: int, quick: bool, scale_out: bool = True) -> list[Result]:
     results = []
     with tempfile.TemporaryDirectory(prefix="npyloader-bench-") as tmp:
         for name in workloads:
@@ -153,6 +191,9 @@ def run(workloads: list[str], workers: int, repeats: int, quick: bool) -> list[R
             results.append(to_result("tutorial generator", wl, wall, nbytes, cpu))
             log.info("bench %s: npyloader, %d workers over tcp", name, workers)
             results.append(run_npyloader(folder, wl, workers, repeats, Path(tmp)))
+            if scale_out and wl.augment:
+                log.info("bench %s: 1 local worker, then 1 local + 1 remote worker", name)
+                results.extend(run_scale_out(folder, wl, repeats, Path(tmp)))
     return results
 
 
@@ -163,11 +204,15 @@ def markdown(results: list[Result], command: str) -> str:
     for r in results:
         lines.append(f"| {r.workload} | {r.loader} | {r.samples_per_s:,.0f} | {r.mb_per_s:,.0f} | "
                      f"{r.client_cpu_s_per_gb:.2f} |")
-    by = {(r.workload, r.loader.startswith("npyloader")): r for r in results}
+    by = {(r.workload, r.loader.startswith("npyloader")): r for r in results if "local" not in r.loader}
     for wl in dict.fromkeys(r.workload for r in results):
         if (wl, True) in by and (wl, False) in by:
             ratio = by[(wl, True)].samples_per_s / by[(wl, False)].samples_per_s
             lines.append(f"\n{wl}: npyloader delivers {ratio:.2f}x the tutorial generator's samples/s.")
+    scale = [r for r in results if "local" in r.loader]
+    if len(scale) == 2:
+        lines.append(f"\n{scale[0].workload}: adding a remote worker to one local worker gives "
+                     f"{scale[1].samples_per_s / scale[0].samples_per_s:.2f}x the samples/s.")
     return "\n".join(lines) + "\n"
 
 
