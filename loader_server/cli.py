@@ -165,8 +165,10 @@ def format_stats(endpoint: str, s: dict) -> str:
     for name, d in s["datasets"].items():
         lines.append(f"  dataset {name}: {d['samples']} samples, {d['batches']} batches of {d['batch_size']}")
     for wk in w["list"]:
-        lines.append(f"  worker {wk['id']} pid {wk['pid']} on {wk['host']}: {wk['batches']} batches, "
-                     f"busy {wk['busy_s']:.1f}s")
+        kind = "local" if wk["local"] else "remote"
+        lines.append(f"  {kind} worker {wk['id']} pid {wk['pid']} on {wk['host']}: {wk['batches']} batches, "
+                     f"{wk['batches_per_s']:.1f}/s, busy {wk['busy_pct']:.0f}%, "
+                     f"last heartbeat {wk['last_heartbeat_s']:.1f}s ago")
     lines.append(f"clients: {len(s['clients'])}")
     for c in s["clients"]:
         wait = c["wait_s"] / c["connected_s"] if c["connected_s"] else 0.0

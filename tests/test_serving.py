@@ -246,6 +246,7 @@ def test_stats_command_reports_datasets_workers_and_clients(start_server, id_dat
         text = subprocess.run(serve_command("stats", server.endpoint), capture_output=True, text=True,
                               timeout=60, check=True).stdout
         assert "2 alive" in text and "dataset train: 203 samples" in text and "waited" in text
+        assert "local worker local-" in text and "busy" in text and "last heartbeat" in text
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
