@@ -269,3 +269,24 @@ def test_client_and_server_import_no_tensorflow():
             "bad = [m for m in ('tensorflow', 'keras') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_stopped_local_worker_is_killed_replaced_and_its_batches_redone(start_server, tmp_path):
+    augmented_images(tmp_path / "imgs", count=600, size=48)
+    server = start_server("--data", str(tmp_path / "imgs"), "--label-column", "-1", "--x-shape", "48,48",
+                          "--batch-size", "8", "--augment", "rotate:degrees=30,p=1,order=3", "--heartbeat", "0.3",
+                          workers=2)
+    with BatchStream(server.endpoint, timeout=60, prefetch=16) as stream:
+        batches = iter(stream)
+        got = [tuple(a.copy() for a in next(batches))]
+        busy = wait_for(lambda: [w for w in request_stats(server.endpoint)["workers"]["list"] if w["tasks"]],
+                        10, "a worker with a batch in progress")
+        stopped = busy[0]["pid"]
+        os.kill(stopped, signal.SIGSTOP)
+        got.extend(tuple(a.copy() for a in b) for b in batches)
+    assert sorted(ids_of(got)) == list(range(600))
+    wait_for(lambda: not os.path.exists(f"/proc/{stopped}") or open(f"/proc/{stopped}/stat").read().split()[2] == "Z",
+             20, "the stopped worker to be killed (its slots are reused)")
+    stats = request_stats(server.endpoint)["workers"]
+    assert stats["requeued_batches"] >= 1 and stats["respawns"] >= 1
