@@ -253,11 +253,11 @@ class Broker:
             self._worker_result(worker, msg, frames[2:])
 
     def _worker_ready(self, identity: bytes, msg: protocol.Message) -> None:
+        if identity in self.workers:
+            return  # a repeated ready (joins queued while the server was away); its tasks stand
         local = bool(msg.get("local", False))
         worker = Worker(identity, msg["pid"], msg["host"], local, max(1, msg.get("capacity", 2)),
                         msg.get("worker") if local else None)
-        if identity in self.workers:
-            self._requeue(self.workers.pop(identity))
         self.workers[identity] = worker
         log.info("worker %s (pid %d on %s) ready", worker.name, worker.pid, worker.host)
 
