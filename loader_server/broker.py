@@ -103,12 +103,13 @@ class Worker:
 
 class Broker:
     def __init__(self, datasets: dict[str, ServedDataset], clients_sock: zmq.Socket, workers_sock: zmq.Socket,
-                 pool: LocalPool, setup: dict[str, Any], heartbeat_s: float = 1.0) -> None:
+                 pool: LocalPool, setup: dict[str, Any] | None, heartbeat_s: float = 1.0) -> None:
         self.datasets = datasets
         self.csock = clients_sock
         self.wsock = workers_sock
         self.pool = pool
-        self.setup = protocol.encode("setup", {**setup, "heartbeat_s": heartbeat_s})
+        # What a joining remote worker is told; None when the server takes no remote workers.
+        self.setup = protocol.encode("setup", {**setup, "heartbeat_s": heartbeat_s}) if setup else None
         self.heartbeat_s = heartbeat_s
         self.clients: dict[bytes, Client] = {}
         self.workers: dict[bytes, Worker] = {}
@@ -242,7 +243,8 @@ class Broker:
         if worker is not None:
             worker.last_seen = time.monotonic()
         if msg.type == "join":
-            self._send_worker(identity, self.setup)
+            if self.setup is not None:
+                self._send_worker(identity, self.setup)
         elif msg.type == "ready":
             self._worker_ready(identity, msg)
         elif msg.type == "refused":

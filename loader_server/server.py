@@ -120,9 +120,9 @@ class Server:
                             for n, d in cfg.datasets.items())
         self._wsock = self._socket(largest_batch + protocol.MAX_REQUEST_BYTES)
         worker_endpoint = _bind(self._wsock, f"ipc://{self._ipc_dir}/workers", "worker endpoint")
-        setup = remote.describe(cfg.datasets, indexes, specs)
-        self.worker_endpoint = None
+        self.worker_endpoint = setup = None
         if cfg.worker_bind:
+            setup = remote.describe(cfg.datasets, indexes, specs)
             self.worker_endpoint = _bind(self._wsock, cfg.worker_bind, "--worker-bind", cfg.curve is not None)
             log.info("remote workers may join at %s; data root %s (a worker keeping the data elsewhere "
                      "passes that folder as --data-root)", self.worker_endpoint, setup["root"])
