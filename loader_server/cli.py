@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from loader_client.security import ClientCurve, CurveKeyError
 
@@ -73,6 +74,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="also accept remote workers here, e.g. tcp://0.0.0.0:5556")
     serve.add_argument("--heartbeat", type=float, default=1.0, metavar="SECONDS",
                        help="worker heartbeat interval; a worker silent for 3 of them is replaced")
+    serve.add_argument("--index-cache", metavar="DIR", type=Path, default=None,
+                       help="where indexes of many-file datasets are cached (default ~/.cache/npyloader)")
+    serve.add_argument("--no-index-cache", action="store_true", help="always read every file's header")
     serve.add_argument("--curve-secret-key", metavar="FILE", help="this server's .key_secret (npyloader keygen)")
     serve.add_argument("--authorized-keys", metavar="DIR", help="public keys (*.key) of clients and workers to admit")
 
@@ -134,8 +138,11 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
         from loader_server.security import ServerCurve
 
         curve = ServerCurve.from_files(args.curve_secret_key, args.authorized_keys)
+    from loader_server.index_cache import default_dir
+
+    index_cache = None if args.no_index_cache else (args.index_cache or default_dir())
     return ServeConfig(datasets=datasets, bind=bind, workers=workers, worker_bind=worker_bind,
-                       heartbeat_s=args.heartbeat, curve=curve)
+                       heartbeat_s=args.heartbeat, curve=curve, index_cache=index_cache)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

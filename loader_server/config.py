@@ -85,6 +85,7 @@ class ServeConfig:
     worker_bind: str | None = None
     heartbeat_s: float = 1.0
     curve: ServerCurve | None = None
+    index_cache: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.datasets:

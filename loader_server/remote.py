@@ -25,7 +25,8 @@ import zmq
 from loader_client import protocol
 from loader_client.security import ClientCurve
 from loader_server.config import ConfigError, DatasetConfig
-from loader_server.dataset import DatasetError, DatasetIndex, build_index
+from loader_server.dataset import DatasetError, DatasetIndex
+from loader_server.index_cache import default_dir, load_or_build
 from loader_server.pool import LocalPool
 from loader_server.sampler import Plan
 from loader_server.worker import TASKS_IN_FLIGHT, TaskRunner, WorkerDataset, WorkerLoop
@@ -217,7 +218,7 @@ def _prepare(setup: dict[str, Any], data_root: str | None) -> dict[str, WorkerDa
     for entry in setup["datasets"]:
         cfg = local_config(entry, setup["root"], data_root)
         try:
-            index = build_index(cfg)
+            index = load_or_build(cfg, default_dir())
         except (DatasetError, ConfigError) as e:
             where = (f"the server's data root {setup['root']} is {data_root} here (--data-root)" if data_root
                      else f"this machine has no data at the server's data root {setup['root']}; pass --data-root")

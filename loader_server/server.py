@@ -24,7 +24,8 @@ from loader_server import remote
 from loader_server.augment import build_pipeline, sample_rng
 from loader_server.broker import Broker, ServedDataset
 from loader_server.config import ConfigError, DatasetConfig, ServeConfig
-from loader_server.dataset import DatasetIndex, SampleReader, build_index
+from loader_server.dataset import DatasetIndex, SampleReader
+from loader_server.index_cache import load_or_build
 from loader_server.pool import LocalPool
 from loader_server.sampler import Plan
 from loader_server.slots import SlotPool
@@ -98,7 +99,7 @@ class Server:
         nslots = max(MIN_SLOTS, SLOTS_PER_WORKER * cfg.workers)
         indexes, specs, worker_datasets = {}, {}, {}
         for name, dcfg in cfg.datasets.items():
-            index = indexes[name] = build_index(dcfg)
+            index = indexes[name] = load_or_build(dcfg, cfg.index_cache)
             arrays = specs[name] = output_arrays(index, dcfg)
             plan = Plan(index.num_samples, dcfg.batch_size, dcfg.seed, dcfg.shuffle, dcfg.drop_remainder)
             if plan.num_batches == 0:

@@ -24,6 +24,12 @@ READY = re.compile(r"serving .* at (tcp://\S+|ipc://\S+)")
 WORKER_ENDPOINT = re.compile(r"remote workers may join at (tcp://[^\s;]+)")
 
 
+@pytest.fixture(autouse=True)
+def private_index_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Servers started by tests cache indexes in a temporary folder, not the user's ~/.cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.02) -> object:
     """Poll `predicate` until it returns something truthy, or fail naming what was awaited."""
     deadline = time.monotonic() + timeout
