@@ -1,16 +1,17 @@
-"""`npyloader bench`: throughput of npyloader next to the tutorial's generator, on the same files.
+"""`npyloader bench`: npyloader next to the loaders a Keras user would otherwise pick, in one run.
 
-Both loaders read the same combined-layout files (64 rows each, label in the last column) and
-deliver the same number of samples per epoch. The tutorial's generator is reproduced in
-behaviour, not code: one batch is one whole file loaded with `np.load` inside the training
-process, with `scipy.ndimage.rotate` (its default cubic spline, order=3) applied there too;
-npyloader's `aug` workload asks its `rotate` op for the same order, so both do the same
-work per sample. npyloader runs a real server
-subprocess with worker processes and a `BatchStream` client over tcp in this process.
+Every loader reads the same combined-layout files (64 rows each, label in the last column) and
+follows the same plan: batches of 64, a per-sample shuffle each epoch, 2 workers where a loader
+has workers, and for `aug` the tutorial's own `scipy.ndimage.rotate` (cubic, p=0.5) per sample.
+Each loader is measured in a fresh child process, so one loader's imports and memory (TensorFlow
+is large) never count against another, and that process's CPU time and peak RSS are exactly
+what the loader costs the training process. Figures are the best of `--repeats` timed epochs
+after one warm-up epoch (files are then in the page cache for everyone).
 
-Each figure is the best of `--repeats` timed epochs after one warm-up epoch (files are then
-in the page cache for both loaders). The client's own CPU time is reported per GB received:
-the work a loader leaves on the training process.
+Also measured: the ceilings (raw pyzmq PUSH/PULL between two processes over tcp and ipc, and
+memcpy), the time to the first batch over 100,000 one-sample files from a cold start and from
+the index cache, and the server's private memory at two dataset sizes (it memory-maps, so it
+should not grow with the data).
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 log = logging.getLogger(__name__)
 
 ROWS_PER_FILE = 64
-READY = re.compile(r"serving .* at (tcp://\S+)")
+READY = re.compile(r"serving .* at (tcp://\S+|ipc://\S+)")
+JOIN = re.compile(r"remote workers may join at (tcp://[^\s;]+)")
+CHILD_TIMEOUT_S = 900
 
 
 @dataclass(frozen=True)
@@ -51,16 +55,34 @@ WORKLOADS = {
     "io": Workload("io", 128, 4096, ()),
     "aug": Workload("aug", 64, 4096, ("rotate:degrees=15,p=0.5,order=3",)),
 }
+BASELINES = ("keras-threads", "keras-processes", "tf-numpy-function", "tf-pure", "torch")
 
 
 @dataclass
 class Result:
     loader: str
     workload: str
-    samples_per_s: float
-    mb_per_s: float
-    client_cpu_s_per_gb: float
+    samples_per_s: float = 0.0
+    mb_per_s: float = 0.0
+    client_cpu_s_per_gb: float = 0.0
+    client_rss_mb: float = 0.0
+    server_rss_mb: float | None = None
+    worker_rss_mb: float | None = None
+    server_private_mb: float | None = None
+    workers: int = 0
+    note: str = ""
 
+
+@dataclass
+class Report:
+    results: list[Result] = field(default_factory=list)
+    ceilings: dict[str, float] = field(default_factory=dict)
+    first_batch: dict[str, float] = field(default_factory=dict)
+    server_rss_by_size: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+# -- data ------------------------------------------------------------------------------------
 
 def write_files(folder: Path, wl: Workload) -> None:
     """Combined layout, as in the tutorial: features then the label as the last column."""
@@ -71,6 +93,18 @@ def write_files(folder: Path, wl: Workload) -> None:
         rows[:, -1] = rng.integers(0, 10, ROWS_PER_FILE)
         np.save(folder / f"part-{i:04d}.npy", rows)
 
+
+def write_small_files(folder: Path, count: int) -> None:
+    """One 8x8 sample per file, the case where indexing cost is per file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sample = np.zeros((8, 8), np.float32)
+    for i in range(count):
+        sample[0, 0] = i
+        np.save(folder / f"s{i:06d}.npy", sample)
+    np.save(folder.parent / "small-labels.npy", np.arange(count) % 10)
+
+
+# -- one loader, in a child process ----------------------------------------------------------
 
 def tutorial_epoch(folder: Path, wl: Workload, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The seed tutorial's behaviour: a batch is one file, loaded whole, augmented in-process."""
@@ -88,7 +122,7 @@ def tutorial_epoch(folder: Path, wl: Workload, epoch: int) -> Iterator[tuple[np.
 
 
 def measure(epochs: Callable[[int], Iterator[tuple[np.ndarray, ...]]], repeats: int) -> tuple[float, int, float]:
-    """Best epoch time, bytes per epoch and client CPU seconds of that epoch, after a warm-up."""
+    """Best epoch time, bytes per epoch and this process's CPU seconds in that epoch, after a warm-up."""
     for _ in epochs(0):
         pass
     best = (float("inf"), 0, 0.0)
@@ -101,126 +135,346 @@ def measure(epochs: Callable[[int], Iterator[tuple[np.ndarray, ...]]], repeats: 
     return best
 
 
-def to_result(loader: str, wl: Workload, wall: float, nbytes: int, cpu: float) -> Result:
-    return Result(loader, wl.name, wl.samples / wall, nbytes / wall / 1e6, cpu / (nbytes / 1e9))
+def _status_mb(pid: int | str, field_name: str) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field_name)) / 1024
+    except (OSError, StopIteration):
+        return 0.0
 
 
-def _start(args: list[str], log_path: Path) -> subprocess.Popen:
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """Peak resident memory; it includes file pages a process has memory-mapped (page cache)."""
+    return _status_mb(pid, "VmHWM")
+
+
+def private_mb(pid: int | str = "self") -> float:
+    """Anonymous resident memory: what the process allocated itself, without mapped file pages."""
+    return _status_mb(pid, "RssAnon")
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except OSError:
+                continue
+    return kids
+
+
+def _cli(*args: str, log_path: Path) -> subprocess.Popen:
     with open(log_path, "w") as out:
         return subprocess.Popen([sys.executable, "-m", "loader_server.cli", *args], stdout=out,
                                 stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def _serve_args(folder: Path, wl: Workload, workers: int) -> list[str]:
-    args = ["serve", "--data", str(folder), "--label-column", "-1", "--x-shape", f"{wl.side},{wl.side}",
-            "--batch-size", str(ROWS_PER_FILE), "--workers", str(workers), "--bind", "tcp://127.0.0.1:0"]
-    for spec in wl.augment:
-        args += ["--augment", spec]
-    return args
-
-
-def _stream_result(url: str, loader: str, wl: Workload, repeats: int) -> Result:
-    from loader_client import BatchStream
-
-    with BatchStream(url, timeout=60, prefetch=16) as stream:
-        wall, nbytes, cpu = measure(lambda e: iter(stream), repeats)
-    return to_result(loader, wl, wall, nbytes, cpu)
-
-
-def run_npyloader(folder: Path, wl: Workload, workers: int, repeats: int, log_dir: Path) -> Result:
-    log_path = log_dir / f"server-{wl.name}-{workers}.log"
-    proc = _start(_serve_args(folder, wl, workers), log_path)
-    try:
-        return _stream_result(_wait_ready(proc, log_path), f"npyloader tcp, {workers} workers", wl, repeats)
-    finally:
-        proc.terminate()
-        proc.wait(30)
-
-
-def run_scale_out(folder: Path, wl: Workload, repeats: int, log_dir: Path) -> list[Result]:
-    """One local worker, then the same server with a remote worker (`npyloader worker` over
-    loopback tcp) joined: what adding a host's worker buys, measured in one run."""
-    from loader_client import request_stats
-
-    log_path = log_dir / f"server-{wl.name}-scale.log"
-    server = _start([*_serve_args(folder, wl, 1), "--worker-bind", "tcp://127.0.0.1:0"], log_path)
-    worker = None
-    try:
-        url = _wait_ready(server, log_path)
-        joined = re.search(r"remote workers may join at (tcp://[^\s;]+)", log_path.read_text()).group(1)
-        results = [_stream_result(url, "npyloader tcp, 1 local worker", wl, repeats)]
-        worker = _start(["worker", "--connect", joined, "--processes", "1"], log_dir / "worker-scale.log")
-        deadline = time.monotonic() + 60
-        while len(request_stats(url)["workers"]["list"]) < 2:
-            if time.monotonic() > deadline or worker.poll() is not None:
-                raise RuntimeError(f"the remote worker did not join; see {log_dir / 'worker-scale.log'}")
-            time.sleep(0.05)
-        results.append(_stream_result(url, "npyloader tcp, 1 local + 1 remote worker", wl, repeats))
-        return results
-    finally:
-        for proc in (worker, server):
-            if proc is not None:
-                proc.terminate()
-                proc.wait(30)
-
-
-def _wait_ready(proc: subprocess.Popen, log_path: Path, timeout: float = 120.0) -> str:
+def _wait_for_line(proc: subprocess.Popen, log_path: Path, pattern: re.Pattern, timeout: float = 180.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        match = READY.search(log_path.read_text())
-        if match:
-            return match.group(1)
+        found = pattern.search(log_path.read_text())
+        if found:
+            return found.group(1)
         if proc.poll() is not None:
-            raise RuntimeError(f"bench server exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+            raise RuntimeError(f"exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
         time.sleep(0.05)
-    raise TimeoutError(f"bench server not ready within {timeout:g}s; see {log_path}")
+    raise TimeoutError(f"no ready line within {timeout:g}s; see {log_path}")
 
 
-def run(workloads: list[str], workers: int, repeats: int, quick: bool, scale_out: bool = True) -> list[Result]:
-    results = []
+def _stop(*procs: subprocess.Popen | None) -> None:
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _npyloader(spec: dict[str, Any], folder: Path, wl: Workload, tmp: Path) -> tuple[Callable, Callable]:
+    """Start a server (and a remote worker if asked); epochs come from a BatchStream."""
+    from loader_client import BatchStream, request_stats
+
+    bind = f"ipc://{tmp}/clients" if spec["transport"] == "ipc" else "tcp://127.0.0.1:0"
+    args = ["serve", "--data", str(folder), "--label-column", "-1", "--x-shape", f"{wl.side},{wl.side}",
+            "--batch-size", str(ROWS_PER_FILE), "--workers", str(spec["workers"]), "--bind", bind,
+            "--index-cache", str(tmp / "cache")]
+    for op in wl.augment:
+        args += ["--augment", op]
+    if spec.get("remote"):
+        args += ["--worker-bind", "tcp://127.0.0.1:0"]
+    server = _cli(*args, log_path=tmp / "server.log")
+    worker = None
+    url = _wait_for_line(server, tmp / "server.log", READY)
+    if spec.get("remote"):
+        joined = JOIN.search((tmp / "server.log").read_text()).group(1)
+        worker = _cli("worker", "--connect", joined, "--processes", str(spec["remote"]), log_path=tmp / "worker.log")
+        deadline = time.monotonic() + 120
+        while len(request_stats(url)["workers"]["list"]) < spec["workers"] + spec["remote"]:
+            if time.monotonic() > deadline or worker.poll() is not None:
+                raise RuntimeError(f"the remote worker did not join: {(tmp / 'worker.log').read_text()[-1000:]}")
+            time.sleep(0.05)
+    stream = BatchStream(url, timeout=120, prefetch=16)
+
+    def close() -> dict:
+        stream.close()
+        workers = _children(server.pid)
+        memory = {"server_rss_mb": peak_rss_mb(server.pid),
+                  "worker_rss_mb": max((peak_rss_mb(p) for p in workers), default=0.0),
+                  "server_private_mb": private_mb(server.pid) + sum(private_mb(p) for p in workers)}
+        _stop(worker, server)
+        return memory
+
+    return (lambda e: iter(stream)), close
+
+
+def run_child(spec: dict[str, Any]) -> Result:
+    """Measure one loader on one workload in this (fresh) process."""
+    wl = Workload(**{**spec["workload"], "augment": tuple(spec["workload"]["augment"])})
+    folder, kind, workers = Path(spec["folder"]), spec["loader"], spec["workers"]
+    result = Result(loader=spec["name"], workload=wl.name, workers=workers)
+    with tempfile.TemporaryDirectory(prefix="npyloader-bench-child-") as tmp:
+        if kind == "tutorial":
+            epochs, close = (lambda e: tutorial_epoch(folder, wl, e)), (lambda: {})
+        elif kind == "npyloader":
+            epochs, close = _npyloader(spec, folder, wl, Path(tmp))
+        else:
+            from loader_server import bench_baselines
+
+            baseline = bench_baselines.ALL[kind](folder, wl, workers)
+            result.loader = baseline.name
+            epochs, close = baseline.epoch, lambda: baseline.close() or {}
+        try:
+            wall, nbytes, cpu = measure(epochs, spec["repeats"])
+        finally:
+            memory = close()
+    result.samples_per_s = wl.samples / wall
+    result.mb_per_s = nbytes / wall / 1e6
+    result.client_cpu_s_per_gb = cpu / (nbytes / 1e9)
+    result.client_rss_mb = peak_rss_mb()
+    for key, value in memory.items():
+        setattr(result, key, value)
+    return result
+
+
+def child_main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    print(json.dumps(asdict(run_child(json.loads(sys.argv[1])))))
+
+
+# -- the whole run ---------------------------------------------------------------------------
+
+def _in_child(spec: dict[str, Any]) -> Result | str:
+    """A Result, or the reason the loader could not be measured here."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "loader_server.bench", json.dumps(spec)], capture_output=True,
+                              text=True, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"did not finish within {CHILD_TIMEOUT_S}s"
+    if done.returncode != 0:
+        unavailable = re.search(r"BaselineUnavailable: (.*)", done.stderr)
+        return unavailable.group(1) if unavailable else f"failed: {done.stderr.strip().splitlines()[-1:]}"
+    return Result(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def loader_specs(workers: int, max_workers: int) -> list[tuple[str, dict[str, Any]]]:
+    specs: list[tuple[str, dict[str, Any]]] = [("tutorial generator (in-process)", {"loader": "tutorial", "workers": 0})]
+    for n in range(1, max_workers + 1):
+        specs.append((f"npyloader tcp, {n} worker{'s' * (n > 1)}", {"loader": "npyloader", "workers": n, "transport": "tcp"}))
+    specs.append((f"npyloader ipc, {workers} workers", {"loader": "npyloader", "workers": workers, "transport": "ipc"}))
+    specs += [(key, {"loader": key, "workers": workers}) for key in BASELINES]
+    return specs
+
+
+def run(workloads: list[str], workers: int, repeats: int, quick: bool) -> Report:
+    from loader_server import bench_ceilings
+
+    report = Report()
+    max_workers = max(workers, os.cpu_count() or 1)
     with tempfile.TemporaryDirectory(prefix="npyloader-bench-") as tmp:
+        root = Path(tmp)
         for name in workloads:
             wl = WORKLOADS[name]
             if quick:
-                wl = Workload(wl.name, wl.side, 8 * ROWS_PER_FILE, wl.augment)
-            folder = Path(tmp) / name
+                wl = replace(wl, samples=8 * ROWS_PER_FILE)
+            folder = root / name
             log.info("bench %s: writing %d samples of %dx%d float32", name, wl.samples, wl.side, wl.side)
             write_files(folder, wl)
-            log.info("bench %s: tutorial generator (file = batch, in-process)", name)
-            wall, nbytes, cpu = measure(lambda e: tutorial_epoch(folder, wl, e), repeats)
-            results.append(to_result("tutorial generator", wl, wall, nbytes, cpu))
-            log.info("bench %s: npyloader, %d workers over tcp", name, workers)
-            results.append(run_npyloader(folder, wl, workers, repeats, Path(tmp)))
-            if scale_out and wl.augment:
-                log.info("bench %s: 1 local worker, then 1 local + 1 remote worker", name)
-                results.extend(run_scale_out(folder, wl, repeats, Path(tmp)))
-    return results
+            specs = loader_specs(workers, max_workers)
+            if wl.augment:
+                specs.append(("npyloader tcp, 1 local + 1 remote worker",
+                              {"loader": "npyloader", "workers": 1, "transport": "tcp", "remote": 1}))
+            for label, spec in specs:
+                log.info("bench %s: %s", name, label)
+                outcome = _in_child({**spec, "name": label, "folder": str(folder), "workload": asdict(wl),
+                                     "repeats": repeats})
+                if isinstance(outcome, str):
+                    report.skipped[f"{name}: {label}"] = outcome
+                    log.warning("bench %s: %s skipped: %s", name, label, outcome)
+                else:
+                    report.results.append(outcome)
+        frame = WORKLOADS["io"].sample_bytes * ROWS_PER_FILE
+        seconds = 0.5 if quick else 3.0
+        log.info("bench: ceilings (raw pyzmq tcp and ipc, memcpy) with %d-byte frames", frame)
+        report.ceilings = {"raw pyzmq tcp": bench_ceilings.raw_zmq("tcp", frame, seconds) / 1e6,
+                           "raw pyzmq ipc": bench_ceilings.raw_zmq("ipc", frame, seconds) / 1e6,
+                           "memcpy": bench_ceilings.memcpy(frame, seconds) / 1e6}
+        report.first_batch = first_batch_times(root / "small", 5_000 if quick else 100_000)
+        report.server_rss_by_size = server_rss_by_size(root, repeats, quick)
+    return report
 
 
-def markdown(results: list[Result], command: str) -> str:
-    lines = [f"Measured with `{command}` on {os.cpu_count()} cores.", "",
-             "| workload | loader | samples/s | MB/s | client CPU s per GB |",
-             "|---|---|---:|---:|---:|"]
-    for r in results:
-        lines.append(f"| {r.workload} | {r.loader} | {r.samples_per_s:,.0f} | {r.mb_per_s:,.0f} | "
-                     f"{r.client_cpu_s_per_gb:.2f} |")
-    by = {(r.workload, r.loader.startswith("npyloader")): r for r in results if "local" not in r.loader}
-    for wl in dict.fromkeys(r.workload for r in results):
-        if (wl, True) in by and (wl, False) in by:
-            ratio = by[(wl, True)].samples_per_s / by[(wl, False)].samples_per_s
-            lines.append(f"\n{wl}: npyloader delivers {ratio:.2f}x the tutorial generator's samples/s.")
-    scale = [r for r in results if "local" in r.loader]
-    if len(scale) == 2:
-        lines.append(f"\n{scale[0].workload}: adding a remote worker to one local worker gives "
-                     f"{scale[1].samples_per_s / scale[0].samples_per_s:.2f}x the samples/s.")
+def first_batch_times(folder: Path, count: int) -> dict[str, float]:
+    """Seconds from `npyloader serve` to the first batch over `count` one-sample files."""
+    from loader_client import BatchStream
+
+    log.info("bench: time to first batch over %d one-sample files (writing them first)", count)
+    write_small_files(folder, count)
+    times = {}
+    cache = folder.parent / "index-cache"
+    for label in ("cold start", "from the index cache"):
+        started = time.perf_counter()
+        server = _cli("serve", "--data", str(folder), "--layout", "per-sample", "--labels",
+                      str(folder.parent / "small-labels.npy"), "--batch-size", "64", "--workers", "1",
+                      "--bind", "tcp://127.0.0.1:0", "--index-cache", str(cache), log_path=folder.parent / "small.log")
+        try:
+            url = _wait_for_line(server, folder.parent / "small.log", READY)
+            with BatchStream(url, timeout=120) as stream:
+                next(iter(stream))
+            times[f"{count:,} files, {label}"] = time.perf_counter() - started
+        finally:
+            _stop(server)
+    return times
+
+
+def server_rss_by_size(root: Path, repeats: int, quick: bool) -> dict[str, float]:
+    """The server's own memory (server and workers, anonymous pages) after serving the io
+    workload at two sizes: it memory-maps files, so this should not grow with the data."""
+    sizes = (512, 2048) if quick else (4096, 16384)
+    out = {}
+    for samples in sizes:
+        wl = replace(WORKLOADS["io"], samples=samples)
+        folder = root / f"io-{samples}"
+        write_files(folder, wl)
+        spec = {"loader": "npyloader", "workers": 2, "transport": "tcp", "name": "rss", "folder": str(folder),
+                "workload": asdict(wl), "repeats": 1}
+        outcome = _in_child(spec)
+        if isinstance(outcome, Result):
+            out[f"{samples * wl.sample_bytes / 2**20:,.0f} MiB dataset"] = outcome.server_private_mb or 0.0
+    return out
+
+
+# -- reporting -------------------------------------------------------------------------------
+
+def markdown(report: Report, command: str) -> str:
+    lines = [f"Measured with `{command}` on {os.cpu_count()} cores, one run.", ""]
+    for wl in dict.fromkeys(r.workload for r in report.results):
+        rows = [r for r in report.results if r.workload == wl]
+        lines += [f"### {wl}", "", "| loader | samples/s | MB/s | trainer CPU s per GB | trainer peak RSS MB | "
+                  "server + worker peak RSS MB |", "|---|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            server = "" if r.server_rss_mb is None else f"{r.server_rss_mb:,.0f} + {r.worker_rss_mb or 0:,.0f}"
+            lines.append(f"| {r.loader} | {r.samples_per_s:,.0f} | {r.mb_per_s:,.0f} | {r.client_cpu_s_per_gb:.2f} | "
+                         f"{r.client_rss_mb:,.0f} | {server} |")
+        lines.append("")
+    if report.ceilings:
+        lines += ["### Ceilings (4 MiB frames, two processes)", "", "| path | MB/s |", "|---|---:|"]
+        lines += [f"| {k} | {v:,.0f} |" for k, v in report.ceilings.items()] + [""]
+    if report.first_batch:
+        lines += ["### Time to first batch", "", "| case | seconds |", "|---|---:|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in report.first_batch.items()] + [""]
+    if report.server_rss_by_size:
+        lines += ["### Server memory against dataset size (io, 2 workers)", "",
+                  "Private (anonymous) memory of the server and its workers after an epoch; mapped file "
+                  "pages are page cache, shared and reclaimable, so they are not counted here.", "",
+                  "| dataset | server + workers private MB |", "|---|---:|"]
+        lines += [f"| {k} | {v:,.0f} |" for k, v in report.server_rss_by_size.items()] + [""]
+    if report.skipped:
+        lines += ["### Not measured here", ""] + [f"- {k}: {v}" for k, v in report.skipped.items()] + [""]
+    lines += ["### Targets", ""] + [f"- {t}" for t in targets(report)]
     return "\n".join(lines) + "\n"
 
 
-def main(workloads: list[str], workers: int, repeats: int, quick: bool, out: str | None, as_json: bool) -> str:
-    results = run(workloads, workers, repeats, quick)
-    command = "npyloader bench" + (" --quick" if quick else "")
-    text = json.dumps([asdict(r) for r in results], indent=2) if as_json else markdown(results, command)
+def _find(report: Report, workload: str, prefix: str) -> Result | None:
+    return next((r for r in report.results if r.workload == workload and r.loader.startswith(prefix)), None)
+
+
+def targets(report: Report) -> list[str]:
+    """The performance issue's targets, each with the ratio from this run."""
+    out = []
+    io = max((r for r in report.results if r.workload == "io" and r.loader.startswith("npyloader tcp")),
+             key=lambda r: r.mb_per_s, default=None)
+    raw = report.ceilings.get("raw pyzmq tcp")
+    if io and raw:
+        out.append(f"io: npyloader tcp delivers {io.mb_per_s / raw:.0%} of raw pyzmq tcp (target 70%)")
+    aug = _find(report, "aug", f"npyloader tcp, {2} workers")
+    rivals = [r for r in report.results if r.workload == "aug" and r.loader.startswith(
+        ("keras PyDataset, use_multiprocessing", "tf.data numpy_function", "torch DataLoader"))]
+    if aug and rivals:
+        best = max(rivals, key=lambda r: r.samples_per_s)
+        out.append(f"aug: npyloader {aug.samples_per_s:,.0f} samples/s vs best alternative {best.loader} "
+                   f"{best.samples_per_s:,.0f} ({aug.samples_per_s / best.samples_per_s:.2f}x; target >= 1)")
+    for wl in ("io", "aug"):
+        ours = _find(report, wl, "npyloader tcp, 2 workers")
+        mp = _find(report, wl, "keras PyDataset, use_multiprocessing")
+        if ours and mp and mp.client_cpu_s_per_gb:
+            out.append(f"{wl}: trainer CPU per GB {ours.client_cpu_s_per_gb:.2f} s vs PyDataset multiprocessing "
+                       f"{mp.client_cpu_s_per_gb:.2f} s ({ours.client_cpu_s_per_gb / mp.client_cpu_s_per_gb:.2f}; target <= 0.33)")
+    for case, seconds in report.first_batch.items():
+        out.append(f"first batch, {case}: {seconds:.2f} s (target < 5 s cold, faster from the cache)")
+    return out
+
+
+def plot(report: Report, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
+    for ax, (wl, metric, unit) in zip(axes, (("io", "mb_per_s", "MB/s"), ("aug", "samples_per_s", "samples/s"))):
+        rows = [r for r in report.results if r.workload == wl]
+        ax.barh([r.loader for r in rows], [getattr(r, metric) for r in rows],
+                color=["tab:blue" if r.loader.startswith("npyloader") else "tab:gray" for r in rows])
+        if wl == "io":
+            for name, value in report.ceilings.items():
+                if name.startswith("raw"):
+                    ax.axvline(value, linestyle="--", color="tab:red" if "tcp" in name else "tab:orange", label=name)
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set_title(f"{wl}: {unit}")
+        ax.invert_yaxis()
+        ax.tick_params(axis="y", labelsize=8)
+    ax = axes[2]
+    for wl, metric in (("io", "mb_per_s"), ("aug", "samples_per_s")):
+        scaling = sorted((r.workers, getattr(r, metric)) for r in report.results
+                         if r.workload == wl and r.loader.startswith("npyloader tcp") and "remote" not in r.loader)
+        if scaling:
+            base = scaling[0][1]
+            ax.plot([w for w, _ in scaling], [v / base for _, v in scaling], marker="o", label=f"{wl} ({metric})")
+    ax.set_title("npyloader scaling by local workers (relative to 1)")
+    ax.set_xlabel("workers")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(workloads: list[str], workers: int, repeats: int, quick: bool, out: str | None) -> str:
+    report = run(workloads, workers, repeats, quick)
+    text = markdown(report, "npyloader bench" + (" --quick" if quick else ""))
     if out:
-        Path(out).write_text(text)
-        log.info("wrote %s", out)
+        md = Path(out)
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(text)
+        md.with_suffix(".json").write_text(json.dumps(asdict(report), indent=2))
+        plot(report, md.with_suffix(".png"))
+        log.info("wrote %s, %s and %s", md, md.with_suffix(".json"), md.with_suffix(".png"))
     return text
+
+
+if __name__ == "__main__":
+    child_main()

@@ -98,13 +98,13 @@ def _build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--timeout", type=float, default=5.0)
     _client_curve_flags(stats)
 
-    bench = sub.add_parser("bench", help="measure npyloader next to the tutorial's generator on the same files")
-    bench.add_argument("--quick", action="store_true", help="small data, for a smoke test")
+    bench = sub.add_parser("bench", help="measure npyloader next to the alternatives, on the same files, in one run")
+    bench.add_argument("--quick", action="store_true", help="small data, for a smoke test (figures not meaningful)")
     bench.add_argument("--workload", action="append", choices=["io", "aug"], help="default: both")
-    bench.add_argument("--workers", type=int, default=2)
+    bench.add_argument("--workers", type=int, default=2, help="workers for every loader that has workers")
     bench.add_argument("--repeats", type=int, default=3, help="timed epochs per loader; the best is kept")
-    bench.add_argument("--out", metavar="FILE", help="also write the report here")
-    bench.add_argument("--json", action="store_true", help="JSON instead of a Markdown table")
+    bench.add_argument("--out", metavar="FILE.md",
+                       help="write the Markdown report here, with FILE.json and FILE.png beside it")
 
     demo = sub.add_parser("demo-data", help="write the bundled digits demo dataset (needs npyloader[demo])")
     demo.add_argument("dir", help="output folder (gets train/, val/ and loader.toml)")
@@ -189,7 +189,7 @@ def format_stats(endpoint: str, s: dict) -> str:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from loader_server import bench
 
-    print(bench.main(args.workload or ["io", "aug"], args.workers, args.repeats, args.quick, args.out, args.json))
+    print(bench.main(args.workload or ["io", "aug"], args.workers, args.repeats, args.quick, args.out))
     return 0
 
 

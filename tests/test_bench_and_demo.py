@@ -12,15 +12,23 @@ import pytest
 from tests.conftest import serve_command
 
 
-def test_bench_quick_measures_both_loaders_on_both_workloads(tmp_path):
-    out = tmp_path / "bench.json"
-    result = subprocess.run(serve_command("bench", "--quick", "--repeats", "1", "--json", "--out", str(out)),
-                            capture_output=True, text=True, timeout=300)
+@pytest.mark.slow
+def test_bench_quick_writes_the_report_json_and_plot_for_every_loader(tmp_path):
+    out = tmp_path / "BENCH.md"
+    result = subprocess.run(serve_command("bench", "--quick", "--repeats", "1", "--out", str(out)),
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
-    rows = json.loads(out.read_text())
-    assert {(r["workload"], r["loader"].split(",")[0]) for r in rows} == {
-        (w, loader) for w in ("io", "aug") for loader in ("tutorial generator", "npyloader tcp")}
-    assert all(r["samples_per_s"] > 0 and r["mb_per_s"] > 0 for r in rows)
+    report = json.loads(out.with_suffix(".json").read_text())
+    loaders = {(r["workload"], r["loader"].split(",")[0]) for r in report["results"]}
+    for workload in ("io", "aug"):
+        assert {(workload, "tutorial generator (in-process)"), (workload, "npyloader tcp"),
+                (workload, "npyloader ipc"), (workload, "keras PyDataset"), (workload, "tf.data numpy_function")} <= loaders
+    assert ("aug", "npyloader tcp") in loaders and any("remote" in r["loader"] for r in report["results"])
+    assert all(r["samples_per_s"] > 0 and r["mb_per_s"] > 0 for r in report["results"])
+    assert set(report["ceilings"]) == {"raw pyzmq tcp", "raw pyzmq ipc", "memcpy"}
+    assert len(report["first_batch"]) == 2 and len(report["server_rss_by_size"]) == 2
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+    assert "### Targets" in out.read_text()
 
 
 @pytest.mark.slow
