@@ -169,7 +169,8 @@ class Server:
             self._auth.stop()
         self._ctx.term()
         for ds in self._datasets.values():
-            ds.slots.close()
+            if ds.slots is not None:
+                ds.slots.close()
         shutil.rmtree(self._ipc_dir, ignore_errors=True)
 
 

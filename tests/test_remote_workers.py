@@ -204,3 +204,12 @@ def test_curve_admits_listed_peers_and_refuses_strangers(start_server, start_wor
         BatchStream(server.endpoint, timeout=2)
     assert time.monotonic() - started < 15
     wait_for(lambda: "refused a peer with CURVE key" in server.log(), 10, "the refusal to be logged")
+
+
+def test_remote_only_server_stops_cleanly_and_leaves_no_ipc_folder(start_server, id_dataset):
+    folder, _ = id_dataset
+    before = set(Path("/tmp").glob("npyloader-*"))
+    server = start_server("--data", str(folder), "--label-column", "-1", *WORKER_BIND, workers=0)
+    assert server.stop() == 0
+    assert "Traceback" not in server.log()
+    assert set(Path("/tmp").glob("npyloader-*")) <= before
