@@ -299,6 +299,22 @@ def test_compose_epoch_from_worker_containers_exactly_once(project: Project) -> 
 @pytest.mark.docker
 @pytest.mark.slow
 @pytest.mark.timeout(SETUP_TIMEOUT + 300)
+def test_a_keras_model_on_the_host_trains_through_compose(project: Project) -> None:
+    keras = pytest.importorskip("keras", reason="needs the keras extra: pip install -e '.[keras]'")
+    from loader_client import RemoteSequence
+
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    with RemoteSequence(project.url, dataset="train", timeout=60) as seq:
+        history = model.fit(seq, epochs=2, verbose=0)
+        stats = seq.stats()
+    assert len(history.history["loss"]) == 2 and all(np.isfinite(history.history["loss"]))
+    assert stats["batches"] >= 2 * 13, "both epochs came from the worker containers"
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(SETUP_TIMEOUT + 300)
 def test_killing_a_worker_container_mid_epoch_loses_no_batch(project: Project) -> None:
     """Epoch 1 with one worker container killed after the first batch: the other one finishes it.
 
