@@ -370,8 +370,22 @@ def server_rss_by_size(root: Path, repeats: int, quick: bool) -> dict[str, float
 
 # -- reporting -------------------------------------------------------------------------------
 
-def markdown(report: Report, command: str) -> str:
-    lines = [f"Measured with `{command}` on {os.cpu_count()} cores, one run.", ""]
+METHOD = """Every loader reads the same combined-layout files (64 rows of float32 each, label in the last
+column) and follows one plan: batches of 64, a per-sample shuffle each epoch, 2 workers where a
+loader has workers, and for `aug` the tutorial's own cubic `scipy.ndimage.rotate` (p=0.5) per
+sample (the pure-TF pipeline can only rotate bilinearly, which is cheaper). `io` is 4,096 samples
+of 128x128 (256 MiB), `aug` 4,096 of 64x64. Each loader runs in a fresh child process; a figure is
+the best of the timed epochs after one warm-up epoch (files in the page cache for everyone).
+"Trainer" columns are that process's own CPU seconds per GB received and its peak RSS; server
+columns are the npyloader server's and its largest worker's peak RSS, which include mapped file
+pages (page cache). Analysis of the figures: [PERFORMANCE.md](PERFORMANCE.md)."""
+
+
+def markdown(report: Report, command: str, image: str | None = None) -> str:
+    lines = ["# Benchmarks", "", f"Measured with `{command}` on {os.cpu_count()} cores, in one run; this file, "
+             "its JSON and its plot are written by that command.", "", METHOD, ""]
+    if image:
+        lines += [f"![throughput by loader and scaling by workers]({image})", ""]
     for wl in dict.fromkeys(r.workload for r in report.results):
         rows = [r for r in report.results if r.workload == wl]
         lines += [f"### {wl}", "", "| loader | samples/s | MB/s | trainer CPU s per GB | trainer peak RSS MB | "
@@ -455,8 +469,9 @@ def plot(report: Report, path: Path) -> None:
         if scaling:
             base = scaling[0][1]
             ax.plot([w for w, _ in scaling], [v / base for _, v in scaling], marker="o", label=f"{wl} ({metric})")
-    ax.set_title("npyloader scaling by local workers (relative to 1)")
-    ax.set_xlabel("workers")
+    ax.set_title("npyloader speed-up vs 1 worker")
+    ax.set_xlabel("local workers")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -465,7 +480,8 @@ def plot(report: Report, path: Path) -> None:
 
 def main(workloads: list[str], workers: int, repeats: int, quick: bool, out: str | None) -> str:
     report = run(workloads, workers, repeats, quick)
-    text = markdown(report, "npyloader bench" + (" --quick" if quick else ""))
+    command = "npyloader bench" + (" --quick" if quick else "") + (f" --out {out}" if out else "")
+    text = markdown(report, command, Path(out).with_suffix(".png").name if out else None)
     if out:
         md = Path(out)
         md.parent.mkdir(parents=True, exist_ok=True)
