@@ -65,6 +65,7 @@ class Client:
     bytes: int = 0
     wait_s: float = 0.0
     since: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -103,7 +104,8 @@ class Worker:
 
 class Broker:
     def __init__(self, datasets: dict[str, ServedDataset], clients_sock: zmq.Socket, workers_sock: zmq.Socket,
-                 pool: LocalPool, setup: dict[str, Any] | None, heartbeat_s: float = 1.0) -> None:
+                 pool: LocalPool, setup: dict[str, Any] | None, heartbeat_s: float = 1.0,
+                 client_timeout_s: float = 60.0) -> None:
         self.datasets = datasets
         self.csock = clients_sock
         self.wsock = workers_sock
@@ -111,6 +113,7 @@ class Broker:
         # What a joining remote worker is told; None when the server takes no remote workers.
         self.setup = protocol.encode("setup", {**setup, "heartbeat_s": heartbeat_s}) if setup else None
         self.heartbeat_s = heartbeat_s
+        self.client_timeout_s = client_timeout_s
         self.clients: dict[bytes, Client] = {}
         self.workers: dict[bytes, Worker] = {}
         self._runnable: deque[bytes] = deque()
@@ -165,6 +168,9 @@ class Broker:
             log.warning("rejected a malformed message from client %s: %s", identity.hex(), e)
             self._error(identity, "bad_message", str(e))
             return
+        client = self.clients.get(identity)
+        if client is not None:
+            client.last_seen = time.monotonic()
         getattr(self, f"_client_{msg.type}")(identity, msg)
 
     def _client_hello(self, identity: bytes, msg: protocol.Message) -> None:
@@ -414,6 +420,7 @@ class Broker:
         if now < self._next_beat:
             return
         self._next_beat = now + self.heartbeat_s
+        self._forget_silent_clients(now)
         beat = protocol.encode("heartbeat")
         for worker in list(self.workers.values()):
             silent = now - worker.last_seen
@@ -425,6 +432,13 @@ class Broker:
                     self.pool.kill(worker.worker_id)
             else:
                 self._send_worker(worker.identity, beat)
+
+    def _forget_silent_clients(self, now: float) -> None:
+        """A client waiting for batches pings every second, so one silent this long has vanished.
+        If it was only idle, its next request is answered `unknown_client` and it says hello again."""
+        for client in [c for c in self.clients.values() if now - c.last_seen > self.client_timeout_s]:
+            log.info("client %s silent for %.0fs; forgetting it", client.identity.hex(), now - client.last_seen)
+            self._drop_client(client.identity)
 
     def _local_worker_died(self, worker_id: int) -> None:
         worker = next((w for w in self.workers.values() if w.local and w.worker_id == worker_id), None)

@@ -74,6 +74,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="also accept remote workers here, e.g. tcp://0.0.0.0:5556")
     serve.add_argument("--heartbeat", type=float, default=1.0, metavar="SECONDS",
                        help="worker heartbeat interval; a worker silent for 3 of them is replaced")
+    serve.add_argument("--client-timeout", type=float, default=60.0, metavar="SECONDS",
+                       help="forget a client silent this long (a waiting client pings every second)")
     serve.add_argument("--index-cache", metavar="DIR", type=Path, default=None,
                        help="where indexes of many-file datasets are cached (default ~/.cache/npyloader)")
     serve.add_argument("--no-index-cache", action="store_true", help="always read every file's header")
@@ -142,7 +144,8 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
 
     index_cache = None if args.no_index_cache else (args.index_cache or default_dir())
     return ServeConfig(datasets=datasets, bind=bind, workers=workers, worker_bind=worker_bind,
-                       heartbeat_s=args.heartbeat, curve=curve, index_cache=index_cache)
+                       heartbeat_s=args.heartbeat, client_timeout_s=args.client_timeout, curve=curve,
+                       index_cache=index_cache)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 LAYOUTS = ("combined", "paired", "per-sample")
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
+MIN_CLIENT_TIMEOUT_S = 3.0
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,7 @@ class ServeConfig:
     workers: int = field(default_factory=default_workers)
     worker_bind: str | None = None
     heartbeat_s: float = 1.0
+    client_timeout_s: float = 60.0
     curve: ServerCurve | None = None
     index_cache: Path | None = None
 
@@ -100,6 +102,9 @@ class ServeConfig:
                 raise ConfigError(f"{option} {endpoint!r} must be a tcp:// or ipc:// endpoint")
         if self.heartbeat_s <= 0:
             raise ConfigError(f"--heartbeat must be positive, got {self.heartbeat_s}")
+        if self.client_timeout_s < MIN_CLIENT_TIMEOUT_S:
+            raise ConfigError(f"--client-timeout must be at least {MIN_CLIENT_TIMEOUT_S:g} s (waiting clients ping "
+                              f"every second), got {self.client_timeout_s:g}")
 
 
 def parse_shape(text: str, option: str = "--x-shape") -> tuple[int, ...]:

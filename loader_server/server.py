@@ -131,7 +131,8 @@ class Server:
         parent = os.getpid()
         self._pool = LocalPool(
             lambda wid: WorkerSpec(wid, worker_endpoint, worker_datasets, parent, cfg.heartbeat_s), cfg.workers)
-        self.broker = Broker(self._datasets, self._csock, self._wsock, self._pool, setup, cfg.heartbeat_s)
+        self.broker = Broker(self._datasets, self._csock, self._wsock, self._pool, setup, cfg.heartbeat_s,
+                             cfg.client_timeout_s)
 
     def _socket(self, max_message: int) -> zmq.Socket:
         """A ROUTER with a bound on inbound messages, encrypted when CURVE is configured."""
