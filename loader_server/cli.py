@@ -40,6 +40,10 @@ def _dataset_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-shuffle", action="store_true", help="serve samples in file order")
     g.add_argument("--drop-remainder", action="store_true", help="drop the last partial batch of each epoch")
     g.add_argument("--dataset", default="train", metavar="NAME", help="name clients ask for (default train)")
+    g.add_argument("--on-bad-file", choices=["error", "skip"], default="error",
+                   help="a file that becomes unreadable while serving: fail the batches that need it "
+                        "(error, default; the client's error names the file) or serve them without its "
+                        "samples (skip; logged once per file)")
 
 
 def _client_curve_flags(p: argparse.ArgumentParser) -> None:
@@ -127,7 +131,7 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
             x_key=args.x_key, y_key=args.y_key,
             x_shape=parse_shape(args.x_shape) if args.x_shape else None,
             batch_size=args.batch_size, seed=args.seed, augment=tuple(args.augment),
-            shuffle=not args.no_shuffle, drop_remainder=args.drop_remainder,
+            shuffle=not args.no_shuffle, drop_remainder=args.drop_remainder, on_bad_file=args.on_bad_file,
         )
         datasets = {dcfg.name: dcfg}
     bind = args.bind or server.get("bind", DEFAULT_BIND)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from loader_server.security import ServerCurve
 
 LAYOUTS = ("combined", "paired", "per-sample")
+BAD_FILE_POLICIES = ("error", "skip")
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 MIN_CLIENT_TIMEOUT_S = 3.0
 
@@ -47,9 +48,12 @@ class DatasetConfig:
     augment: tuple[str, ...] = ()
     shuffle: bool = True
     drop_remainder: bool = False
+    on_bad_file: str = "error"
 
     def __post_init__(self) -> None:
         where = f"dataset '{self.name}'"
+        if self.on_bad_file not in BAD_FILE_POLICIES:
+            raise ConfigError(f"{where}: --on-bad-file {self.on_bad_file!r} is not one of {', '.join(BAD_FILE_POLICIES)}")
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"dataset name {self.name!r} must be letters, digits, '-' or '_'")
         if not self.data:

@@ -226,7 +226,7 @@ def _prepare(setup: dict[str, Any], data_root: str | None) -> dict[str, WorkerDa
         check_same_data(index, entry)
         plan = Plan(index.num_samples, cfg.batch_size, cfg.seed, cfg.shuffle, cfg.drop_remainder)
         specs = tuple((n, d, tuple(s)) for n, d, s in entry["specs"])
-        datasets[cfg.name] = WorkerDataset(index, plan, cfg.augment, specs)
+        datasets[cfg.name] = WorkerDataset(index, plan, cfg.augment, specs, skip_bad_files=cfg.on_bad_file == "skip")
     return datasets
 
 

@@ -108,7 +108,7 @@ class Server:
             slots = SlotPool(nslots, dcfg.batch_size, arrays) if cfg.workers else None
             self._datasets[name] = ServedDataset(name, index, plan, arrays, slots)
             worker_datasets[name] = WorkerDataset(index, plan, dcfg.augment, tuple(arrays),
-                                                  slots.layout if slots else None)
+                                                  slots.layout if slots else None, dcfg.on_bad_file == "skip")
 
         if cfg.curve is not None:
             self._auth = cfg.curve.start_authenticator(self._ctx)

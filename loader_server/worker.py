@@ -49,6 +49,7 @@ class WorkerDataset:
     augment: tuple[str, ...]
     specs: tuple[tuple[str, str, tuple[int, ...]], ...]
     layout: SlotLayout | None = None
+    skip_bad_files: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,22 +70,40 @@ class BatchBuilder:
         self.ds = ds
         self.reader = SampleReader(ds.index)
         self.pipeline: Pipeline = build_pipeline(ds.augment, spatial_targets=ds.index.spec.spatial_targets)
+        self._reported: set[str] = set()
 
-    def fill(self, epoch: int, samples: np.ndarray, outs: list[np.ndarray]) -> None:
-        for j, sid in enumerate(samples.tolist()):
+    def fill(self, epoch: int, samples: np.ndarray, outs: list[np.ndarray]) -> int:
+        """Fill rows of `outs` with the batch's samples; returns how many rows were filled
+        (fewer than the batch when --on-bad-file skip left out unreadable samples)."""
+        j = 0
+        for sid in samples.tolist():
             try:
-                if not len(self.pipeline):
-                    self.reader.read_into(sid, outs, j)
-                    continue
-                x, y = self.reader.read(sid)
-                x, y = self.pipeline(x, y, sample_rng(self.ds.plan.seed, epoch, sid))
-                for out, value, (name, _, _) in zip(outs, (x,) if y is None else (x, y), self.ds.specs):
-                    _place(out, j, value, name)
-            except DatasetError:
-                raise
+                self._fill_row(epoch, sid, outs, j)
+            except DatasetError as e:
+                if not self.ds.skip_bad_files:
+                    raise
+                self._report_skip(sid, e)
+                continue
             except Exception as e:
                 path, row = self.reader.locate(sid)
                 raise RuntimeError(f"sample {sid} ({path} row {row}): {e}") from e
+            j += 1
+        return j
+
+    def _fill_row(self, epoch: int, sid: int, outs: list[np.ndarray], j: int) -> None:
+        if not len(self.pipeline):
+            self.reader.read_into(sid, outs, j)
+            return
+        x, y = self.reader.read(sid)
+        x, y = self.pipeline(x, y, sample_rng(self.ds.plan.seed, epoch, sid))
+        for out, value, (name, _, _) in zip(outs, (x,) if y is None else (x, y), self.ds.specs):
+            _place(out, j, value, name)
+
+    def _report_skip(self, sid: int, error: DatasetError) -> None:
+        path, _ = self.reader.locate(sid)
+        if path not in self._reported:
+            self._reported.add(path)
+            log.warning("skipping unreadable samples of %s (--on-bad-file skip): %s", path, error)
 
     def samples(self, epoch: int, index: int, shard: list[int] | None) -> np.ndarray:
         return self.ds.plan.for_shard(shard).batch(epoch, index)
@@ -118,14 +137,14 @@ class TaskRunner:
                 raise RuntimeError(f"unknown dataset '{msg['dataset']}'")
             samples = builder.samples(msg["epoch"], msg["index"], msg.get("shard"))
             arrays = self._outputs(builder.ds, msg.get("slot"), len(samples))
-            builder.fill(msg["epoch"], samples, arrays)
+            rows = builder.fill(msg["epoch"], samples, arrays)
         except Exception as e:
             log.error("batch %d of epoch %d of '%s' failed: %s", msg["index"], msg["epoch"], msg["dataset"], e)
             return protocol.encode("failed", {"task": msg["task"], "message": str(e)})
-        fields = {"task": msg["task"], "rows": len(samples), "busy_s": time.perf_counter() - started}
+        fields = {"task": msg["task"], "rows": rows, "busy_s": time.perf_counter() - started}
         if msg.get("slot") is not None:
             return protocol.encode("done", fields)
-        return protocol.encode("done", fields, [(name, a) for (name, _, _), a in zip(builder.ds.specs, arrays)])
+        return protocol.encode("done", fields, [(name, a[:rows]) for (name, _, _), a in zip(builder.ds.specs, arrays)])
 
     def _outputs(self, ds: WorkerDataset, slot: int | None, rows: int) -> list[np.ndarray]:
         if slot is None:

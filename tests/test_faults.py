@@ -82,3 +82,39 @@ def test_an_idle_client_that_was_forgotten_carries_on_transparently(start_server
         wait_for(lambda: request_stats(server.endpoint)["clients"] == [], 20, "the idle client to be forgotten")
         assert sorted(v for batch in stream for v in ids(batch)) == list(range(n)), "the next epoch, complete"
         assert stream.stats()["reconnects"] == 1
+
+
+def truncate_data(path) -> None:
+    """Cut a file short after the server indexed it, as a failing disk or a careless copy would."""
+    with open(path, "r+b") as f:
+        f.truncate(200)
+
+
+def test_a_file_truncated_while_serving_fails_only_its_batches_naming_it(start_server, tmp_path):
+    from loader_client import ServerError
+    from tests.conftest import write_id_dataset
+
+    write_id_dataset(tmp_path / "d", [16, 16, 16])
+    server = start_server("--data", str(tmp_path / "d"), "--label-column", "-1", "--batch-size", "16",
+                          "--no-shuffle", workers=1)
+    truncate_data(tmp_path / "d" / "part-001.npy")
+    with BatchStream(server.endpoint, timeout=30) as stream:
+        conn = stream._conn
+        assert ids(conn.get(0, 0)) == list(range(16))
+        with pytest.raises(ServerError, match="part-001.npy"):
+            conn.get(0, 1)
+        assert ids(conn.get(0, 2)) == list(range(32, 48)), "other batches keep flowing"
+
+
+def test_on_bad_file_skip_serves_the_rest_of_every_batch(start_server, tmp_path):
+    from tests.conftest import write_id_dataset
+
+    write_id_dataset(tmp_path / "d", [40, 40, 40])
+    server = start_server("--data", str(tmp_path / "d"), "--label-column", "-1", "--batch-size", "16",
+                          "--on-bad-file", "skip", workers=2)
+    truncate_data(tmp_path / "d" / "part-001.npy")
+    with BatchStream(server.endpoint, timeout=30) as stream:
+        got = sorted(v for batch in stream for v in ids(batch))
+    assert got == list(range(40)) + list(range(80, 120)), "every readable sample exactly once"
+    wait_for(lambda: "skipping unreadable samples of" in server.log() and "part-001.npy" in server.log(), 10,
+             "the skipped file to be named in the log")
