@@ -262,23 +262,26 @@ def run_child(spec: dict[str, Any]) -> Result:
 
 
 def child_main() -> None:
+    """`python -m loader_server.bench SPEC_JSON RESULT_PATH`: measure, write the Result as JSON."""
     logging.basicConfig(level=logging.WARNING)
-    print(json.dumps(asdict(run_child(json.loads(sys.argv[1])))))
+    Path(sys.argv[2]).write_text(json.dumps(asdict(run_child(json.loads(sys.argv[1])))))
 
 
 # -- the whole run ---------------------------------------------------------------------------
 
 def _in_child(spec: dict[str, Any]) -> Result | str:
     """A Result, or the reason the loader could not be measured here."""
-    try:
-        done = subprocess.run([sys.executable, "-m", "loader_server.bench", json.dumps(spec)], capture_output=True,
-                              text=True, timeout=CHILD_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        return f"did not finish within {CHILD_TIMEOUT_S}s"
-    if done.returncode != 0:
-        unavailable = re.search(r"BaselineUnavailable: (.*)", done.stderr)
-        return unavailable.group(1) if unavailable else f"failed: {done.stderr.strip().splitlines()[-1:]}"
-    return Result(**json.loads(done.stdout.strip().splitlines()[-1]))
+    with tempfile.TemporaryDirectory(prefix="npyloader-bench-result-") as tmp:
+        result_path = Path(tmp) / "result.json"
+        try:
+            done = subprocess.run([sys.executable, "-m", "loader_server.bench", json.dumps(spec), str(result_path)],
+                                  capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return f"did not finish within {CHILD_TIMEOUT_S}s"
+        if done.returncode != 0:
+            unavailable = re.search(r"BaselineUnavailable: (.*)", done.stderr)
+            return unavailable.group(1) if unavailable else f"failed: {done.stderr.strip().splitlines()[-1:]}"
+        return Result(**json.loads(result_path.read_text()))
 
 
 def loader_specs(workers: int, max_workers: int) -> list[tuple[str, dict[str, Any]]]:

@@ -59,6 +59,19 @@ def children_of(pid: int) -> list[int]:
     return kids
 
 
+def children_but_resource_tracker(pid: int) -> list[int]:
+    """Child pids less multiprocessing's resource tracker, a helper process rather than a worker."""
+    pids = []
+    for child in children_of(pid):
+        try:
+            cmd = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"resource_tracker" not in cmd:
+            pids.append(child)
+    return pids
+
+
 def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -82,15 +95,7 @@ class ServerProcess:
 
     def workers(self) -> list[int]:
         """Worker processes: children of serve other than multiprocessing's resource tracker."""
-        pids = []
-        for pid in children_of(self.proc.pid):
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"resource_tracker" not in cmd:
-                pids.append(pid)
-        return pids
+        return children_but_resource_tracker(self.proc.pid)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         if self.proc.poll() is None:

@@ -22,7 +22,7 @@ from scipy import ndimage
 from loader_server import bench_ceilings
 from loader_server.bench import Workload, write_files
 from loader_server.bench_baselines import ALL, Baseline, BaselineUnavailable
-from tests.conftest import children_of
+from tests.conftest import children_but_resource_tracker
 
 AUG = Workload("aug", 16, 256, ("rotate:degrees=15,p=0.5,order=3",))
 IO = Workload("io", 16, 128, ())
@@ -48,15 +48,7 @@ def write_sample_ids(folder: Path) -> np.ndarray:
 
 def own_children() -> set[int]:
     """Child processes of this test process, less multiprocessing's interpreter-wide resource tracker."""
-    kids = set()
-    for pid in children_of(os.getpid()):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"resource_tracker" not in cmdline:
-            kids.add(pid)
-    return kids
+    return set(children_but_resource_tracker(os.getpid()))
 
 
 def labels(batches: list[Batch]) -> np.ndarray:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
-import time
 
-import numpy as np
 import pytest
 import zmq
 
