@@ -145,9 +145,11 @@ class Broker:
             self._release_sent()
             short_of_slots = self._dispatch()
 
-    def stop_workers(self) -> None:
+    def stop_workers(self) -> set[int]:
+        """Ask every registered worker to stop; returns the pool ids of the local ones told."""
         for w in self.workers.values():
             self._send_worker(w.identity, protocol.encode("stop"))
+        return {w.worker_id for w in self.workers.values() if w.local and w.worker_id is not None}
 
     # -- receiving -------------------------------------------------------------------------
 

@@ -87,11 +87,13 @@ class LocalPool:
                 self.respawns += 1
         return dead
 
-    def stop(self, deadline_s: float = 5.0) -> None:
-        """Workers were asked to stop over the socket; wait for them, then terminate, then kill."""
+    def stop(self, deadline_s: float = 5.0, told: set[int] | None = None) -> None:
+        """Wait up to `deadline_s` for the workers that were asked to stop over the socket
+        (`told`, default all), then terminate, then kill. A worker never told (one still
+        starting, which had not yet said ready) is terminated at once instead of waited for."""
         end = time.monotonic() + deadline_s
-        for child in self._children.values():
-            if child.restart_at:
+        for wid, child in self._children.items():
+            if child.restart_at or (told is not None and wid not in told):
                 continue
             child.process.join(max(0.0, end - time.monotonic()))
         for sig_name in ("terminate", "kill"):

@@ -161,8 +161,7 @@ class Server:
 
     def close(self) -> None:
         if self._pool is not None:
-            self.broker.stop_workers()
-            self._pool.stop()
+            self._pool.stop(told=self.broker.stop_workers())
         for sock in (self._csock, self._wsock):
             if sock is not None:
                 sock.close(0)
