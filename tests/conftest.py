@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -70,6 +71,21 @@ def children_but_resource_tracker(pid: int) -> list[int]:
         if b"resource_tracker" not in cmd:
             pids.append(child)
     return pids
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process now, from /proc (VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pid_alive(pid: int) -> bool:
@@ -154,7 +170,9 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """Start `npyloader serve ARGS --bind tcp://127.0.0.1:0`; wait for its ready line."""
     started: list[ServerProcess] = []
 
-    def start(*args: str, workers: int = 2, ready_timeout: float = 90.0, expect_ready: bool = True) -> ServerProcess:
+    def start(*args: str, workers: int = 2, ready_timeout: float = 90.0, expect_ready: bool = True,
+              env: dict | None = None, prefix: tuple[str, ...] = ()) -> ServerProcess:
+        """`env` adds to the environment; `prefix` wraps the command (e.g. unshare, setpriv)."""
         log_path = tmp_path / f"server-{len(started)}.log"
         argv = list(args)
         if "--bind" not in argv:
@@ -162,8 +180,8 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
         if "--workers" not in argv:
             argv += ["--workers", str(workers)]
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(serve_command("serve", *argv), stdout=log, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            proc = subprocess.Popen([*prefix, *serve_command("serve", *argv)], stdout=log, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         server = ServerProcess(proc, log_path)
         started.append(server)
         if not expect_ready:

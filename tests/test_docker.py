@@ -24,7 +24,6 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ import numpy as np
 import pytest
 
 from loader_client import BatchStream
-from tests.conftest import wait_for, write_id_dataset
+from tests.conftest import free_port, wait_for, write_id_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tools" / "local-docker.sh"
@@ -119,12 +118,6 @@ def _tail(path: Path, chars: int = 4000) -> str:
         return path.read_text(errors="replace")[-chars:]
     except OSError:
         return "(no log)"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _compose_argv() -> list[str]:
@@ -237,8 +230,8 @@ def project(request: pytest.FixtureRequest, engine: dict[str, str], image: str,
         path.chmod(0o755 if path.is_dir() else 0o644)
 
     name = f"npyloadertest{uuid.uuid4().hex[:10]}"
-    port = _free_port()
-    env = {**engine, "DATA_DIR": str(data), "LOADER_PORT": str(port), "WORKER_PORT": str(_free_port()),
+    port = free_port()
+    env = {**engine, "DATA_DIR": str(data), "LOADER_PORT": str(port), "WORKER_PORT": str(free_port()),
            "LOADER_WORKERS": "0", "WORKER_ARGS": "--processes 1", "NPYLOADER_IMAGE": image}
     env.pop("LOADER_ARGS", None)  # the compose default, --config /data/loader.toml, is under test too
     log = tmp_path_factory.mktemp("docker-compose") / "compose.log"

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import signal
-import socket
 
 import pytest
 import zmq
 
 from loader_client import BatchStream, protocol, request_stats
-from tests.conftest import wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port, wait_for
 
 
 def ids(batch) -> list[int]:

@@ -15,7 +15,7 @@ import pytest
 
 from loader_client import BatchStream, request_stats
 from loader_client.security import ClientCurve
-from tests.conftest import serve_command, wait_for, write_id_dataset
+from tests.conftest import free_port, serve_command, wait_for, write_id_dataset
 
 WORKER_BIND = ("--worker-bind", "tcp://127.0.0.1:0")
 
@@ -141,12 +141,6 @@ def test_data_root_maps_the_servers_paths_to_this_hosts_copy(start_server, start
     start_worker(server.worker_endpoint, "--data-root", str(tmp_path / "mirror" / "ids"))
     wait_remote(server.endpoint, 1)
     assert sorted(ids_of(copy_epoch(server.endpoint))) == list(range(n))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
