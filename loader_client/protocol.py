@@ -13,6 +13,7 @@ here ever calls pickle (msgpack-numpy's decoder would, which is why it is not us
 
 from __future__ import annotations
 
+import reprlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,18 @@ ALLOWED_DTYPES = frozenset(
 
 class ProtocolError(ValueError):
     """A received message does not follow the contract; the message says which rule it broke."""
+
+
+_short = reprlib.Repr()
+_short.maxlevel = 3
+_short.maxstring = _short.maxother = 60
+
+
+def _brief(value: Any) -> str:
+    """A received value as quoted in an error, which is sent back in an `error` message and must
+    fit its 16 KiB `message`: bounded in length, and in depth too (repr of a list nested a
+    thousand deep, which msgpack decodes, raises RecursionError instead of ProtocolError)."""
+    return _short.repr(value)[:80]
 
 
 @dataclass(frozen=True)
@@ -159,7 +172,7 @@ def _check_fields(mtype: str, header: dict[str, Any]) -> None:
                 continue
             raise ProtocolError(f"'{mtype}' message lacks field '{key}'")
         if not check(header[key]):
-            raise ProtocolError(f"'{mtype}' message has an invalid '{key}': {header[key]!r:.80}")
+            raise ProtocolError(f"'{mtype}' message has an invalid '{key}': {_brief(header[key])}")
 
 
 def encode(mtype: str, fields: dict[str, Any] | None = None,
@@ -231,10 +244,10 @@ def decode(frames: Sequence[Any], allowed: frozenset[str] | None = None,
         raise ProtocolError("empty message")
     header = _unpack_header(_buffer(frames[0]), max_header_bytes)
     if header.get("v") != VERSION:
-        raise ProtocolError(f"protocol version {header.get('v')!r} is not supported (this side speaks {VERSION})")
+        raise ProtocolError(f"protocol version {_brief(header.get('v'))} is not supported (this side speaks {VERSION})")
     mtype = header.get("type")
     if not isinstance(mtype, str) or mtype not in SCHEMAS:
-        raise ProtocolError(f"unknown message type {mtype!r:.40}")
+        raise ProtocolError(f"unknown message type {_brief(mtype)}")
     if allowed is not None and mtype not in allowed:
         raise ProtocolError(f"message type '{mtype}' is not accepted here")
     _check_fields(mtype, header)
@@ -256,12 +269,15 @@ def _decode_arrays(header: dict[str, Any], frames: Sequence[Any]) -> dict[str, n
     arrays = {}
     for (name, dtype, shape), frame in zip(specs, frames):
         dt = np.dtype(dtype)
-        count = 1
+        # numpy refuses to shape even an empty array whose other dimensions overflow, so the
+        # limit applies to the extent without the zero dimensions: [0, 2**61] is refused here.
+        extent = dt.itemsize
         for d in shape:
-            count *= d
-        nbytes = count * dt.itemsize
-        if nbytes > MAX_ARRAY_BYTES:
-            raise ProtocolError(f"array '{name}' declares {nbytes} bytes, over the {MAX_ARRAY_BYTES} limit")
+            extent *= max(d, 1)
+        if extent > MAX_ARRAY_BYTES:
+            what = f"shape {shape}" if 0 in shape else f"{extent} bytes"
+            raise ProtocolError(f"array '{name}' declares {what}, over the {MAX_ARRAY_BYTES} limit")
+        nbytes = 0 if 0 in shape else extent
         buf = _buffer(frame)
         if len(buf) != nbytes:
             raise ProtocolError(f"array '{name}' declares {nbytes} bytes but its frame has {len(buf)}")
