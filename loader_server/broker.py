@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 IDLE_POLL_MS = 100
 BUSY_POLL_MS = 2
 SILENCE_BEATS = 3
+MAX_BATCH_CRASHES = 3
+RELAY_QUEUE = 16
 CLIENT_MESSAGES = frozenset({"hello", "request", "cancel", "ping", "stats", "bye"})
 WORKER_MESSAGES = frozenset({"join", "ready", "refused", "heartbeat", "done", "failed"})
 
@@ -60,7 +63,9 @@ class Client:
     plan: Plan
     pending: deque[tuple[int, int]] = field(default_factory=deque)
     wanted: set[tuple[int, int]] = field(default_factory=set)
+    crashes: Counter[tuple[int, int]] = field(default_factory=Counter)
     held: int = 0
+    relaying: int = 0
     batches: int = 0
     bytes: int = 0
     wait_s: float = 0.0
@@ -117,9 +122,10 @@ class Broker:
         self.clients: dict[bytes, Client] = {}
         self.workers: dict[bytes, Worker] = {}
         self._runnable: deque[bytes] = deque()
-        self._sending: list[tuple[zmq.MessageTracker, SlotPool, int, bytes]] = []
+        self._sending: list[tuple[zmq.MessageTracker, SlotPool | None, int | None, bytes]] = []
         self._task_ids = 0
         self._next_beat = 0.0
+        self._draining = False
         self._started = time.monotonic()
         self.batches_sent = 0
         self.bytes_sent = 0
@@ -127,23 +133,52 @@ class Broker:
         self.rejected: Counter[str] = Counter()
 
     def run(self, should_stop: Callable[[], bool]) -> None:
-        poller = zmq.Poller()
-        poller.register(self.csock, zmq.POLLIN)
-        poller.register(self.wsock, zmq.POLLIN)
+        poller = self._poller()
         short_of_slots = False
         while not should_stop():
             # ZeroMQ gives no event when it has sent a slot, so while work waits for a slot
             # poll briefly to notice the slot come free.
-            events = dict(poller.poll(BUSY_POLL_MS if short_of_slots else IDLE_POLL_MS))
-            if self.wsock in events:
-                self._drain(self.wsock, self._on_worker)
-            if self.csock in events:
-                self._drain(self.csock, self._on_client)
-            for worker_id, _ in self.pool.reap():
-                self._local_worker_died(worker_id)
-            self._heartbeat()
-            self._release_sent()
-            short_of_slots = self._dispatch()
+            short_of_slots = self._turn(poller, BUSY_POLL_MS if short_of_slots else IDLE_POLL_MS)
+
+    def drain(self, deadline_s: float, should_abort: Callable[[], bool]) -> None:
+        """After a stop signal: start nothing new, but deliver the batches workers are already
+        building and let ZeroMQ finish sending them, for at most `deadline_s`. What is left is
+        not lost: each client asks the restarted server again for what it still misses."""
+        self._draining = True
+        if not self.in_flight() and not self._sending:
+            return
+        log.info("draining: delivering %d batch(es) in progress, for at most %gs", self.in_flight(), deadline_s)
+        sent_before = self.batches_sent
+        poller = self._poller()
+        end = time.monotonic() + deadline_s
+        while (self.in_flight() or self._sending) and time.monotonic() < end and not should_abort():
+            self._turn(poller, BUSY_POLL_MS)
+        left = self.in_flight()
+        log.info("drained %d batch(es)%s", self.batches_sent - sent_before,
+                 f"; {left} left undelivered (their clients will ask the restarted server again)" if left else "")
+
+    def in_flight(self) -> int:
+        return sum(len(w.tasks) for w in self.workers.values())
+
+    def _poller(self) -> zmq.Poller:
+        poller = zmq.Poller()
+        poller.register(self.csock, zmq.POLLIN)
+        poller.register(self.wsock, zmq.POLLIN)
+        return poller
+
+    def _turn(self, poller: zmq.Poller, timeout_ms: int) -> bool:
+        """One turn of the loop: receive, supervise, send. True if work waits for a slot."""
+        events = dict(poller.poll(timeout_ms))
+        if self.wsock in events:
+            self._receive_all(self.wsock, self._on_worker)
+        if self.csock in events:
+            self._receive_all(self.csock, self._on_client)
+        if not self._draining:  # a worker dying while draining is noticed by its silence instead
+            for worker_id, code in self.pool.reap():
+                self._local_worker_died(worker_id, code)
+        self._heartbeat()
+        self._release_sent()
+        return self._dispatch()
 
     def stop_workers(self) -> set[int]:
         """Ask every registered worker to stop; returns the pool ids of the local ones told."""
@@ -153,7 +188,7 @@ class Broker:
 
     # -- receiving -------------------------------------------------------------------------
 
-    def _drain(self, sock: zmq.Socket, handle: Callable[[list[zmq.Frame]], None]) -> None:
+    def _receive_all(self, sock: zmq.Socket, handle: Callable[[list[zmq.Frame]], None]) -> None:
         for _ in range(256):
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -291,6 +326,8 @@ class Broker:
 
     def _dispatch(self) -> bool:
         """Give every free worker a task, clients taking turns. True if work waits for a slot."""
+        if self._draining:
+            return False
         blocked = 0
         while self._runnable and blocked < len(self._runnable):
             if not any(w.free > 0 for w in self.workers.values()):
@@ -320,13 +357,21 @@ class Broker:
 
     def _place(self, client: Client) -> tuple[Worker | None, int | None]:
         """The least loaded worker that can take this client's next batch, and its slot if local.
-        A client may hold at most half of its dataset's slots, so it cannot starve another."""
+
+        A client may hold at most half of its dataset's slots, so it cannot starve another.
+        Batches from remote workers queue in the server until ZeroMQ has sent them; a client
+        may have at most RELAY_QUEUE of them beyond what remote workers are building, so one
+        that stops reading pins a bounded amount of server memory, not its whole credit."""
         slots = client.dataset.slots
+        relay_limit = RELAY_QUEUE + sum(w.capacity for w in self.workers.values() if not w.local)
         for worker in sorted(self.workers.values(), key=lambda w: len(w.tasks) / w.capacity):
             if worker.free <= 0:
                 break
             if not worker.local:
-                return worker, None
+                if client.relaying < relay_limit:
+                    client.relaying += 1
+                    return worker, None
+                continue
             if slots is not None and client.held < slots.layout.nslots // 2:
                 slot = slots.acquire()
                 if slot is not None:
@@ -344,7 +389,10 @@ class Broker:
             return
         header = protocol.encode_header("batch", {"epoch": task.epoch, "index": task.index}, slots.layout.specs(rows))
         frames = slots.layout.frames(slots.buf, task.slot, rows)
-        tracker = self._send_batch(task, header, frames, track=True)
+        self._track(task, self._send_batch(task, header, frames), slots)
+
+    def _track(self, task: Task, tracker: zmq.MessageTracker | None, slots: SlotPool | None) -> None:
+        """Hold the batch's memory until ZeroMQ has let go of it (or at once if not sent)."""
         if tracker is None:
             self._release(task)
         else:
@@ -354,6 +402,7 @@ class Broker:
         """Relay a remote worker's arrays, the received frames themselves, after checking them."""
         client = self.clients.get(task.client)
         if client is None or (task.epoch, task.index) not in client.wanted:
+            self._release(task)
             return
         rows = msg["rows"]
         expected = [(n, d, (rows, *s)) for n, d, s in task.dataset.specs]
@@ -361,17 +410,21 @@ class Broker:
         if got != expected or rows > task.dataset.plan.batch_size:
             problem = f"a worker sent batch {task.index} as {got}, but this dataset's batches are {expected}"
             log.error("%s (does that worker run another npyloader version or augment code?)", problem)
+            self._release(task)
             self._finish(task)
             self._error(task.client, "batch_failed", problem, epoch=task.epoch, index=task.index)
             return
         header = protocol.encode_header("batch", {"epoch": task.epoch, "index": task.index}, expected)
-        self._send_batch(task, header, array_frames, track=False)
+        # Received frames carry no tracker; new Frames over the same buffers do, without a copy.
+        tracked = [zmq.Frame(f.buffer, track=True, copy=False) for f in array_frames]
+        self._track(task, self._send_batch(task, header, tracked), None)
 
-    def _send_batch(self, task: Task, header: bytes, frames: list, track: bool) -> zmq.MessageTracker | None:
+    def _send_batch(self, task: Task, header: bytes, frames: list) -> zmq.MessageTracker | None:
+        """Send a batch; its tracker, or None when the send failed."""
         client = self.clients[task.client]
         try:
             tracker = self.csock.send_multipart([task.client, header, *frames], flags=zmq.NOBLOCK,
-                                                copy=False, track=track)
+                                                copy=False, track=True)
         except zmq.ZMQError as e:
             if e.errno == errno.EHOSTUNREACH:
                 log.info("client %s is gone; dropping its session", task.client.hex())
@@ -386,12 +439,13 @@ class Broker:
         client.bytes += nbytes
         self.batches_sent += 1
         self.bytes_sent += nbytes
-        return tracker if track else None
+        return tracker
 
     def _finish(self, task: Task) -> None:
         client = self.clients.get(task.client)
         if client is not None:
             client.wanted.discard((task.epoch, task.index))
+            client.crashes.pop((task.epoch, task.index), None)
 
     def _release_sent(self) -> None:
         if not self._sending:
@@ -400,20 +454,24 @@ class Broker:
         for item in self._sending:
             tracker, slots, slot, identity = item
             if tracker.done:
-                self._free_slot(identity, slots, slot)
+                self._unhold(identity, slots, slot)
             else:
                 still.append(item)
         self._sending = still
 
     def _release(self, task: Task) -> None:
-        if task.slot is not None and task.dataset.slots is not None:
-            self._free_slot(task.client, task.dataset.slots, task.slot)
+        self._unhold(task.client, task.dataset.slots if task.slot is not None else None, task.slot)
 
-    def _free_slot(self, identity: bytes, slots: SlotPool, slot: int) -> None:
-        slots.release(slot)
+    def _unhold(self, identity: bytes, slots: SlotPool | None, slot: int | None) -> None:
+        """A batch no longer occupies server memory: free its slot (local worker) or its place
+        in the client's relay queue (remote worker)."""
         client = self.clients.get(identity)
-        if client is not None:
-            client.held = max(0, client.held - 1)
+        if slots is not None and slot is not None:
+            slots.release(slot)
+            if client is not None:
+                client.held = max(0, client.held - 1)
+        elif client is not None:
+            client.relaying = max(0, client.relaying - 1)
 
     # -- worker liveness -------------------------------------------------------------------
 
@@ -427,9 +485,7 @@ class Broker:
         for worker in list(self.workers.values()):
             silent = now - worker.last_seen
             if silent > SILENCE_BEATS * self.heartbeat_s:
-                log.warning("worker %s (pid %d on %s) silent for %.1fs; redoing its %d batch(es)",
-                            worker.name, worker.pid, worker.host, silent, len(worker.tasks))
-                self._remove_worker(worker)
+                self._remove_worker(worker, f"went silent for {silent:.1f}s")
                 if worker.local and worker.worker_id is not None:
                     self.pool.kill(worker.worker_id)
             else:
@@ -442,26 +498,48 @@ class Broker:
             log.info("client %s silent for %.0fs; forgetting it", client.identity.hex(), now - client.last_seen)
             self._drop_client(client.identity)
 
-    def _local_worker_died(self, worker_id: int) -> None:
+    def _local_worker_died(self, worker_id: int, code: int | None) -> None:
         worker = next((w for w in self.workers.values() if w.local and w.worker_id == worker_id), None)
         if worker is not None:
-            self._remove_worker(worker)
+            self._remove_worker(worker, _exit_reason(code))
 
-    def _remove_worker(self, worker: Worker) -> None:
+    def _remove_worker(self, worker: Worker, why: str) -> None:
         self.workers.pop(worker.identity, None)
-        self._requeue(worker)
+        self._requeue(worker, why)
 
-    def _requeue(self, worker: Worker) -> None:
+    def _requeue(self, worker: Worker, why: str) -> None:
+        """Put a lost worker's batches back at the front of their queues. The oldest is the one
+        it was building (a worker builds in order); if that batch has now taken down
+        MAX_BATCH_CRASHES workers, it is failed instead of killing workers forever."""
+        building = min(worker.tasks, default=None)
         for task in sorted(worker.tasks.values(), key=lambda t: -t.id):
             self._release(task)
             client = self.clients.get(task.client)
-            if client is not None and (task.epoch, task.index) in client.wanted:
-                client.pending.appendleft((task.epoch, task.index))
-                self._mark_runnable(task.client)
-                self.requeued += 1
-        if worker.tasks:
-            log.warning("requeued %d batch(es) of worker %s", len(worker.tasks), worker.name)
+            key = (task.epoch, task.index)
+            if client is None or key not in client.wanted:
+                continue
+            if task.id == building:
+                client.crashes[key] += 1
+                if client.crashes[key] >= MAX_BATCH_CRASHES:
+                    self._give_up(task, client, f"worker {worker.name} {why}")
+                    continue
+            client.pending.appendleft(key)
+            self._mark_runnable(task.client)
+            self.requeued += 1
+        log.warning("worker %s (pid %d on %s) %s; redoing its %d batch(es)",
+                    worker.name, worker.pid, worker.host, why, len(worker.tasks))
         worker.tasks.clear()
+
+    def _give_up(self, task: Task, client: Client, last: str) -> None:
+        samples = client.plan.batch(task.epoch, task.index)
+        files = task.dataset.index.files_of(samples)
+        shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        problem = (f"batch {task.index} of epoch {task.epoch} of '{task.dataset.name}' took down "
+                   f"{MAX_BATCH_CRASHES} workers in a row (last: {last}); a sample in it may crash the "
+                   f"reader or an augment op, or its file may be unreadable: {shown}")
+        log.error("%s; failing it instead of retrying", problem)
+        self._finish(task)
+        self._error(task.client, "batch_failed", problem, epoch=task.epoch, index=task.index)
 
     def _mark_runnable(self, identity: bytes) -> None:
         if identity not in self._runnable:
@@ -523,6 +601,15 @@ def _worker_stats(w: Worker, now: float) -> dict[str, Any]:
     return {"id": w.name, "pid": w.pid, "host": w.host, "local": w.local, "batches": w.batches,
             "busy_s": round(w.busy_s, 3), "tasks": len(w.tasks), "batches_per_s": round(w.batches / up, 2),
             "busy_pct": round(min(100.0, 100 * w.busy_s / up), 1), "last_heartbeat_s": round(now - w.last_seen, 3)}
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exited with code {code}"
 
 
 def _reason(e: Exception) -> str:

@@ -80,6 +80,9 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="worker heartbeat interval; a worker silent for 3 of them is replaced")
     serve.add_argument("--client-timeout", type=float, default=60.0, metavar="SECONDS",
                        help="forget a client silent this long (a waiting client pings every second)")
+    serve.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="on SIGTERM/SIGINT, deliver the batches workers are already building for at most "
+                            "this long before stopping (default 10; a second signal stops at once)")
     serve.add_argument("--index-cache", metavar="DIR", type=Path, default=None,
                        help="where indexes of many-file datasets are cached (default ~/.cache/npyloader)")
     serve.add_argument("--no-index-cache", action="store_true", help="always read every file's header")
@@ -148,7 +151,8 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
 
     index_cache = None if args.no_index_cache else (args.index_cache or default_dir())
     return ServeConfig(datasets=datasets, bind=bind, workers=workers, worker_bind=worker_bind,
-                       heartbeat_s=args.heartbeat, client_timeout_s=args.client_timeout, curve=curve,
+                       heartbeat_s=args.heartbeat, client_timeout_s=args.client_timeout,
+                       drain_s=args.drain_timeout, curve=curve,
                        index_cache=index_cache)
 
 

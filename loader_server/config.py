@@ -90,6 +90,7 @@ class ServeConfig:
     worker_bind: str | None = None
     heartbeat_s: float = 1.0
     client_timeout_s: float = 60.0
+    drain_s: float = 10.0
     curve: ServerCurve | None = None
     index_cache: Path | None = None
 
@@ -106,6 +107,8 @@ class ServeConfig:
                 raise ConfigError(f"{option} {endpoint!r} must be a tcp:// or ipc:// endpoint")
         if self.heartbeat_s <= 0:
             raise ConfigError(f"--heartbeat must be positive, got {self.heartbeat_s}")
+        if self.drain_s < 0:
+            raise ConfigError(f"--drain-timeout must be 0 or more seconds, got {self.drain_s:g}")
         if self.client_timeout_s < MIN_CLIENT_TIMEOUT_S:
             raise ConfigError(f"--client-timeout must be at least {MIN_CLIENT_TIMEOUT_S:g} s (waiting clients ping "
                               f"every second), got {self.client_timeout_s:g}")

@@ -113,6 +113,11 @@ class DatasetIndex:
             h.update(repr(fields).encode())
         return h.hexdigest()
 
+    def files_of(self, sample_ids: Sequence[int]) -> list[str]:
+        """The input files holding these samples, in first-use order: what an error names."""
+        file_nos = np.searchsorted(np.asarray(self.row_starts), np.asarray(sample_ids), side="right") - 1
+        return list(dict.fromkeys(self.x_sources[int(i)].where for i in file_nos))
+
     def manifest(self) -> list[tuple[str, int]]:
         """(relative path, size) of every file in index order: what a remote worker compares
         against the server's to name the first file that differs."""

@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 import threading
 from collections.abc import Callable
 
@@ -20,7 +19,7 @@ import numpy as np
 import zmq
 
 from loader_client import protocol
-from loader_server import remote
+from loader_server import ipc_dir, remote
 from loader_server.augment import build_pipeline, sample_rng
 from loader_server.broker import Broker, ServedDataset
 from loader_server.config import ConfigError, DatasetConfig, ServeConfig
@@ -34,6 +33,7 @@ from loader_server.worker import WorkerDataset, WorkerSpec
 log = logging.getLogger("npyloader")
 
 SLOTS_PER_WORKER = 4
+CLOSE_LINGER_MS = 1000
 MIN_SLOTS = 32
 
 
@@ -53,6 +53,13 @@ def output_arrays(index: DatasetIndex, cfg: DatasetConfig) -> list[tuple[str, st
         reader.close()
     return [(name, np.asarray(v).dtype.newbyteorder("=").str, tuple(np.shape(v)))
             for name, v in (("x", x), ("y", y)) if v is not None]
+
+
+def _slot_pool(name: str, nslots: int, batch_size: int, arrays: list[tuple[str, str, tuple[int, ...]]]) -> SlotPool:
+    try:
+        return SlotPool(nslots, batch_size, arrays, f"npyloader-{os.getpid()}-{name}")
+    except ConfigError as e:
+        raise ConfigError(f"dataset '{name}': {e}") from None
 
 
 LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
@@ -82,7 +89,8 @@ class Server:
     def __init__(self, cfg: ServeConfig) -> None:
         self.cfg = cfg
         self._stop = threading.Event()
-        self._ipc_dir = tempfile.mkdtemp(prefix="npyloader-")
+        self._abort = threading.Event()
+        self._ipc_dir = ipc_dir.make()
         self._ctx = zmq.Context()
         self._datasets: dict[str, ServedDataset] = {}
         self._pool: LocalPool | None = None
@@ -105,7 +113,7 @@ class Server:
             if plan.num_batches == 0:
                 raise ConfigError(f"dataset '{name}': {index.num_samples} samples make no full batch of "
                                   f"{dcfg.batch_size} with --drop-remainder; lower --batch-size")
-            slots = SlotPool(nslots, dcfg.batch_size, arrays) if cfg.workers else None
+            slots = _slot_pool(name, nslots, dcfg.batch_size, arrays) if cfg.workers else None
             self._datasets[name] = ServedDataset(name, index, plan, arrays, slots)
             worker_datasets[name] = WorkerDataset(index, plan, dcfg.augment, tuple(arrays),
                                                   slots.layout if slots else None, dcfg.on_bad_file == "skip")
@@ -120,7 +128,7 @@ class Server:
         largest_batch = max(sum(d.batch_size * int(np.prod(s)) * np.dtype(t).itemsize for _, t, s in specs[n])
                             for n, d in cfg.datasets.items())
         self._wsock = self._socket(largest_batch + protocol.MAX_REQUEST_BYTES)
-        worker_endpoint = _bind(self._wsock, f"ipc://{self._ipc_dir}/workers", "worker endpoint")
+        worker_endpoint = _bind(self._wsock, f"ipc://{self._ipc_dir}/{ipc_dir.SOCKET_NAME}", "worker endpoint")
         self.worker_endpoint = setup = None
         if cfg.worker_bind:
             setup = remote.describe(cfg.datasets, indexes, specs)
@@ -155,16 +163,22 @@ class Server:
 
     def run(self) -> None:
         self.broker.run(self._stop.is_set)
+        self.broker.drain(self.cfg.drain_s, self._abort.is_set)
 
     def stop(self) -> None:
+        """The first call stops taking work and drains; a second one cuts the drain short."""
+        if self._stop.is_set():
+            self._abort.set()
         self._stop.set()
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.stop(told=self.broker.stop_workers())
-        for sock in (self._csock, self._wsock):
-            if sock is not None:
-                sock.close(0)
+        if self._csock is not None:
+            # Let ZeroMQ finish sending what the drain delivered, unless told to stop at once.
+            self._csock.close(0 if self._abort.is_set() or not self.cfg.drain_s else CLOSE_LINGER_MS)
+        if self._wsock is not None:
+            self._wsock.close(0)
         if self._auth is not None:
             self._auth.stop()
         self._ctx.term()

@@ -10,11 +10,15 @@ mid-batch leaks nothing: its slot is simply reassigned.
 
 from __future__ import annotations
 
+import errno
+import os
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
 import numpy as np
+
+from loader_server.config import ConfigError
 
 _ALIGN = 64
 
@@ -76,12 +80,21 @@ def plan_layout(shm_name: str, nslots: int, batch_size: int,
 
 
 class SlotPool:
-    """The server's side of one segment: creates it, hands out free slots, unlinks it at the end."""
+    """The server's side of one segment: creates it, hands out free slots, unlinks it at the end.
+
+    `name` (e.g. npyloader-PID-DATASET) says in /dev/shm whose segment it is."""
 
     def __init__(self, nslots: int, batch_size: int,
-                 arrays: list[tuple[str, str, tuple[int, ...]]]) -> None:
+                 arrays: list[tuple[str, str, tuple[int, ...]]], name: str | None = None) -> None:
         probe = plan_layout("", nslots, batch_size, arrays)
-        self._shm = shared_memory.SharedMemory(create=True, size=probe.slot_bytes * nslots)
+        size = probe.slot_bytes * nslots
+        self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        try:
+            _reserve(self._shm.name, size)
+        except BaseException:
+            self._shm.close()
+            self._shm.unlink()
+            raise
         self.layout = plan_layout(self._shm.name, nslots, batch_size, arrays)
         self.buf = self._shm.buf
         self._free: deque[int] = deque(range(nslots))
@@ -107,6 +120,33 @@ class SlotPool:
             self._shm.unlink()
         except FileNotFoundError:
             pass
+
+
+SHM_DIR = "/dev/shm"
+
+
+def _reserve(name: str, size: int) -> None:
+    """Claim the segment's memory now. tmpfs allocates a page on its first write, and a write
+    that finds /dev/shm full kills the writing worker with SIGBUS, mid-epoch, again and again;
+    here the shortage is one clear error at startup instead."""
+    path = os.path.join(SHM_DIR, name.lstrip("/"))
+    if not hasattr(os, "posix_fallocate") or not os.path.exists(path):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            return  # a file system that cannot reserve space; pages come on first write as before
+        if e.errno != errno.ENOSPC:
+            raise
+        st = os.statvfs(SHM_DIR)
+        raise ConfigError(
+            f"not enough shared memory: the batch slots need {size / 2**20:.0f} MiB in {SHM_DIR}, which has "
+            f"{st.f_bavail * st.f_frsize / 2**20:.0f} MiB free; give it more (docker run --shm-size, compose "
+            f"shm_size, Kubernetes an emptyDir with medium: Memory at /dev/shm) or lower --batch-size") from None
+    finally:
+        os.close(fd)
 
 
 class SlotReader:

@@ -1,0 +1,136 @@
+"""Graceful shutdown: SIGTERM delivers the batches in progress, leaves nothing behind, and the
+server can start again on the same ports at once; a killed server's leftovers are cleared."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from loader_client import BatchStream, request_stats
+from loader_server import ipc_dir
+from tests.conftest import free_port, wait_for, write_id_dataset
+
+SLOW_OP = "import time\n\ndef pause(x, y, rng, seconds=0.05):\n    time.sleep(seconds)\n    return x, y\n"
+
+
+@pytest.fixture
+def slow_op(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An augment op that sleeps per sample, so batches are in progress when a signal comes."""
+    pkg = tmp_path / "slowpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "augs.py").write_text(SLOW_OP)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return "slowpkg.augs:pause"
+
+
+def ids(batch) -> list[int]:
+    return batch[1].astype(int).tolist()
+
+
+def npyloader_segments(pid: int) -> list[str]:
+    return [name for name in os.listdir("/dev/shm") if name.startswith(f"npyloader-{pid}-")]
+
+
+def in_progress(endpoint: str) -> int:
+    return sum(w["tasks"] for w in request_stats(endpoint)["workers"]["list"])
+
+
+@pytest.mark.slow
+def test_sigterm_delivers_batches_in_progress_then_restarts_on_the_same_port_at_once(start_server, tmp_path, slow_op):
+    folder = tmp_path / "d"
+    n = write_id_dataset(folder, [40, 40, 40])
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    args = ("--data", str(folder), "--label-column", "-1", "--batch-size", "8", "--augment", f"{slow_op}:seconds=0.05",
+            "--bind", f"tcp://127.0.0.1:{free_port()}")
+    first = start_server(*args, workers=2, env={"TMPDIR": str(private_tmp)})
+    assert len(os.listdir(private_tmp)) == 1, "the server's ipc folder lives in its TMPDIR"
+    assert npyloader_segments(first.proc.pid), "batch slots are named after the server's pid"
+    got: list[int] = []
+    with BatchStream(first.endpoint, timeout=60, prefetch=8) as stream:
+        batches = iter(stream)
+        got += ids(next(batches))
+        wait_for(lambda: in_progress(first.endpoint) >= 2, 20, "batches in progress on the workers")
+        received_before = stream.stats()["batches"]
+        started = time.monotonic()
+        assert first.stop(signal.SIGTERM, timeout=20) == 0
+        assert time.monotonic() - started < 15, "stopped within the drain deadline"
+        log = first.log()
+        assert "draining: delivering" in log, log[-2000:]
+        drained = int(log.split("drained ")[1].split()[0])
+        assert drained >= 1 and "left undelivered" not in log, log[-2000:]
+        wait_for(lambda: stream.stats()["batches"] >= received_before + drained, 10,
+                 "the drained batches to reach the client")
+        assert os.listdir(private_tmp) == [], "no ipc socket folder left behind"
+        assert npyloader_segments(first.proc.pid) == [], "no shared memory left behind"
+
+        start_server(*args, workers=2, env={"TMPDIR": str(private_tmp)})
+        got += [i for batch in batches for i in ids(batch)]
+        assert stream.stats()["reconnects"] == 1
+    assert sorted(got) == list(range(n)), "nothing lost, nothing repeated across the restart"
+
+
+def test_a_second_signal_cuts_the_drain_short(start_server, id_dataset, slow_op):
+    folder, _ = id_dataset
+    server = start_server("--data", str(folder), "--label-column", "-1", "--batch-size", "8",
+                          "--augment", f"{slow_op}:seconds=1", "--drain-timeout", "120", workers=1)
+    with BatchStream(server.endpoint, timeout=60, prefetch=4) as stream:
+        stream._conn.request(0, [0, 1, 2, 3])
+        wait_for(lambda: in_progress(server.endpoint) >= 1, 20, "a batch in progress")
+        server.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "draining: delivering" in server.log(), 10, "the drain to start")
+        started = time.monotonic()
+        assert server.stop(signal.SIGTERM, timeout=20) == 0
+        assert time.monotonic() - started < 10, "the second signal did not wait out 120 s of drain"
+
+
+def test_drain_timeout_zero_stops_without_waiting(start_server, id_dataset, slow_op):
+    folder, _ = id_dataset
+    server = start_server("--data", str(folder), "--label-column", "-1", "--batch-size", "8",
+                          "--augment", f"{slow_op}:seconds=1", "--drain-timeout", "0", workers=1)
+    with BatchStream(server.endpoint, timeout=60, prefetch=4) as stream:
+        stream._conn.request(0, [0, 1, 2, 3])
+        wait_for(lambda: in_progress(server.endpoint) >= 1, 20, "a batch in progress")
+        assert server.stop(signal.SIGTERM, timeout=20) == 0
+    assert "left undelivered" in server.log()
+
+
+def test_a_killed_servers_ipc_folder_is_removed_by_the_next_start(start_server, id_dataset, tmp_path):
+    folder, n = id_dataset
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    args = ("--data", str(folder), "--label-column", "-1")
+    killed = start_server(*args, workers=1, env={"TMPDIR": str(private_tmp)})
+    left = os.listdir(private_tmp)
+    killed.stop(signal.SIGKILL)
+    assert os.listdir(private_tmp) == left, "SIGKILL gives no chance to clean up"
+    wait_for(lambda: npyloader_segments(killed.proc.pid) == [], 20,
+             "multiprocessing's resource tracker to unlink the killed server's shared memory")
+
+    server = start_server(*args, workers=1, env={"TMPDIR": str(private_tmp)})
+    assert left[0] not in os.listdir(private_tmp)
+    assert f"left behind by a server (pid {killed.proc.pid}) that was killed" in server.log()
+    with BatchStream(server.endpoint, timeout=30) as stream:
+        assert sorted(i for batch in stream for i in ids(batch)) == list(range(n))
+
+
+def test_stale_folder_cleanup_touches_only_dead_servers_socket_folders(tmp_path):
+    dead_pid = 2**22 + 12345  # above pid_max's default range: no such process
+    stale = tmp_path / f"{ipc_dir.PREFIX}{dead_pid}-abc"
+    stale.mkdir()
+    (stale / ipc_dir.SOCKET_NAME).touch()
+    live = tmp_path / f"{ipc_dir.PREFIX}{os.getpid()}-def"
+    live.mkdir()
+    other_content = tmp_path / f"{ipc_dir.PREFIX}{dead_pid}-ghi"
+    other_content.mkdir()
+    (other_content / "notes.txt").write_text("not ours")
+    unrelated = tmp_path / f"{ipc_dir.PREFIX}docker"
+    unrelated.mkdir()
+
+    assert ipc_dir.remove_stale(str(tmp_path)) == [str(stale)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other_content.name, unrelated.name])
