@@ -55,11 +55,8 @@ class LocalPool:
         self._children[worker_id] = _Child(proc, deaths)
         return worker_id
 
-    def pids(self) -> dict[int, int | None]:
-        return {wid: c.process.pid for wid, c in self._children.items()}
-
     def alive(self) -> int:
-        return sum(c.process.is_alive() for c in self._children.values())
+        return sum(not c.restart_at and c.process.is_alive() for c in self._children.values())
 
     def kill(self, worker_id: int) -> None:
         """SIGKILL a hung worker; `reap` then reports it and starts a replacement."""
@@ -73,7 +70,7 @@ class LocalPool:
         dead = []
         now = time.monotonic()
         for wid, child in list(self._children.items()):
-            if child.process.is_alive() or child.restart_at:
+            if child.restart_at or child.process.is_alive():  # a closed process must not be asked
                 continue
             code = child.process.exitcode
             log.warning("worker %d (pid %s) exited with code %s; restarting it", wid, child.process.pid, code)
