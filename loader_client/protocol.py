@@ -157,7 +157,7 @@ SCHEMAS: dict[str, dict[str, Check]] = {
         "task": _nonneg_int, "dataset": _name, "epoch": _nonneg_int, "index": _nonneg_int,
         "slot?": _nonneg_int, "shard?": _shard,
     },
-    "done": {"task": _nonneg_int, "rows": _nonneg_int, "busy_s": _number},
+    "done": {"task": _nonneg_int, "rows": _nonneg_int, "busy_s": _number, "read_s?": _number, "augment_s?": _number},
     "failed": {"task": _nonneg_int, "message": _text},
     "stop": {},
 }
@@ -238,7 +238,8 @@ def decode(frames: Sequence[Any], allowed: frozenset[str] | None = None,
            max_header_bytes: int = MAX_HEADER_BYTES) -> Message:
     """Validate and decode received frames (bytes or zmq.Frame). Raises ProtocolError.
 
-    Only a worker reading the server's `setup` (which lists every file) raises the header limit.
+    Only a worker reading the server's `setup` (which lists every file) and `request_stats`
+    (the stats list every client and worker) raise the header limit.
     """
     if not frames:
         raise ProtocolError("empty message")

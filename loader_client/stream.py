@@ -329,7 +329,10 @@ def request_stats(url: str, timeout: float = 5.0, curve: Curve = None) -> dict:
         sock.send_multipart(protocol.encode("stats"))
         if not sock.poll(int(timeout * 1000)):
             raise TimeoutError(f"no answer from {url} within {timeout:g}s: is `npyloader serve` running there?")
-        msg = protocol.decode(sock.recv_multipart(), allowed=frozenset({"stats_reply", "error"}))
+        # the stats list every client and every worker (with its host name), so with enough of
+        # them they outgrow an ordinary header
+        msg = protocol.decode(sock.recv_multipart(), allowed=frozenset({"stats_reply", "error"}),
+                              max_header_bytes=protocol.MAX_SETUP_BYTES)
         if msg.type == "error":
             raise ServerError(f"{url}: {msg['message']}")
         return msg["stats"]
