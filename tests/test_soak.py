@@ -1,0 +1,58 @@
+"""Issue 7's soak, short: a minute of random faults of every kind loses and repeats nothing,
+and everything the soak started is gone when it ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from loader_server.soak_faults import FAULTS
+from tests.conftest import serve_command
+
+
+def processes_with_tmpdir(folder: Path) -> list[str]:
+    """Live processes whose TMPDIR lies in `folder`: the soak gives each child such a TMPDIR,
+    so this finds what it started without trusting its own bookkeeping."""
+    marker = f"TMPDIR={folder}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            environ = Path(f"/proc/{entry}/environ").read_bytes()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if any(var.startswith(marker) for var in environ.split(b"\0")):
+            found.append(entry + ": " + cmdline.replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_one_minute_soak_loses_and_repeats_nothing_and_leaves_nothing(tmp_path_factory):
+    # A short folder: the server's ipc socket lives under TMPDIR, and a unix socket path has at
+    # most 107 bytes.
+    scratch = tmp_path_factory.mktemp("s")
+    out = tmp_path_factory.mktemp("out") / "reliability.md"
+    done = subprocess.run(serve_command("soak", "--minutes", "1", "--seed", "1", "--out", str(out)),
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(scratch)})
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["ok"] and report["all_problems"] == []
+    assert report["lost"] == 0 and report["duplicated"] == 0 and report["client_errors"] == 0
+    assert report["faults_by_kind"].keys() == {f.kind for f in FAULTS}
+    assert all(count >= 1 for count in report["faults_by_kind"].values()), report["faults_by_kind"]
+    assert all(f["ok"] and f["recovery_s"] is not None for f in report["faults"])
+    for client in report["clients"]:
+        assert client["epochs"] >= 1 and client["batches"] > 0, client
+        assert client["rows_checked"] > 0 and client["corrupt_rows"] == 0, client
+    assert {m["role"] for m in report["memory"]} >= {"server", "local worker 1", "remote worker process"}
+    assert report["leftover_processes"] == [] and report["shm_left"] == []
+    assert processes_with_tmpdir(scratch) == []
+    assert list(scratch.iterdir()) == [], "the soak removes its temporary folder"
+    assert "## Verdict: PASS" in done.stdout and out.read_text() == done.stdout.rstrip("\n") + "\n"
