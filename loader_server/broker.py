@@ -29,6 +29,7 @@ import zmq
 
 from loader_client import protocol
 from loader_server.dataset import DatasetIndex
+from loader_server.metrics import DatasetCounters
 from loader_server.pool import LocalPool
 from loader_server.sampler import Plan
 from loader_server.slots import SlotPool
@@ -51,6 +52,8 @@ class ServedDataset:
     plan: Plan
     specs: list[tuple[str, str, tuple[int, ...]]]
     slots: SlotPool | None
+    index_s: float = 0.0
+    counters: DatasetCounters = field(default_factory=DatasetCounters)
 
     def plan_for(self, shard: list[int] | None) -> Plan:
         return self.plan.for_shard(shard)
@@ -62,7 +65,7 @@ class Client:
     dataset: ServedDataset
     plan: Plan
     pending: deque[tuple[int, int]] = field(default_factory=deque)
-    wanted: set[tuple[int, int]] = field(default_factory=set)
+    wanted: dict[tuple[int, int], float] = field(default_factory=dict)  # asked for, not yet sent: when asked
     crashes: Counter[tuple[int, int]] = field(default_factory=Counter)
     held: int = 0
     relaying: int = 0
@@ -130,6 +133,13 @@ class Broker:
         self.batches_sent = 0
         self.bytes_sent = 0
         self.requeued = 0
+        self.failed = 0
+        self.startup_s = 0.0
+        # The stats as of a moment ago, for readers in other threads (the metrics exporter);
+        # refreshed every `publish_s` seconds when set.
+        self.published: dict | None = None
+        self.publish_s: float | None = None
+        self._next_publish = 0.0
         self.rejected: Counter[str] = Counter()
 
     def run(self, should_stop: Callable[[], bool]) -> None:
@@ -178,7 +188,11 @@ class Broker:
                 self._local_worker_died(worker_id, code)
         self._heartbeat()
         self._release_sent()
-        return self._dispatch()
+        busy = self._dispatch()
+        if self.publish_s is not None and time.monotonic() >= self._next_publish:
+            self._next_publish = time.monotonic() + self.publish_s
+            self.published = self.stats()
+        return busy
 
     def stop_workers(self) -> set[int]:
         """Ask every registered worker to stop; returns the pool ids of the local ones told."""
@@ -244,7 +258,7 @@ class Broker:
                             f"more than {protocol.MAX_CREDIT} batches outstanding; wait for some before asking for more",
                             epoch=epoch, index=index)
             else:
-                client.wanted.add(key)
+                client.wanted[key] = time.monotonic()
                 client.pending.append(key)
         if client.pending and identity not in self._runnable:
             self._runnable.append(identity)
@@ -256,7 +270,8 @@ class Broker:
         keep = msg["keep_epoch"]
         dropped = [k for k in client.pending if k[0] != keep]
         client.pending = deque(k for k in client.pending if k[0] == keep)
-        client.wanted.difference_update(dropped)
+        for key in dropped:
+            del client.wanted[key]
 
     def _client_ping(self, identity: bytes, msg: protocol.Message) -> None:
         if self._known(identity) is not None:
@@ -313,14 +328,14 @@ class Broker:
         if msg.type == "done":
             worker.batches += 1
             worker.busy_s += msg["busy_s"]
+            task.dataset.counters.built(msg["busy_s"], msg.get("read_s", 0.0), msg.get("augment_s", 0.0))
             if task.slot is None:
                 self._forward(task, msg, array_frames)
             else:
                 self._deliver(task, msg["rows"])
             return
         self._release(task)
-        self._finish(task)
-        self._error(task.client, "batch_failed", msg["message"], epoch=task.epoch, index=task.index)
+        self._fail(task, msg["message"])
 
     # -- dispatching and delivering ----------------------------------------------------------
 
@@ -411,8 +426,7 @@ class Broker:
             problem = f"a worker sent batch {task.index} as {got}, but this dataset's batches are {expected}"
             log.error("%s (does that worker run another npyloader version or augment code?)", problem)
             self._release(task)
-            self._finish(task)
-            self._error(task.client, "batch_failed", problem, epoch=task.epoch, index=task.index)
+            self._fail(task, problem)
             return
         header = protocol.encode_header("batch", {"epoch": task.epoch, "index": task.index}, expected)
         # Received frames carry no tracker; new Frames over the same buffers do, without a copy.
@@ -433,8 +447,10 @@ class Broker:
                 client.pending.appendleft((task.epoch, task.index))
                 self._mark_runnable(task.client)
             return None
+        asked = client.wanted.get((task.epoch, task.index))
         self._finish(task)
         nbytes = sum(len(f) for f in frames)
+        task.dataset.counters.served(nbytes, None if asked is None else time.monotonic() - asked)
         client.batches += 1
         client.bytes += nbytes
         self.batches_sent += 1
@@ -444,7 +460,7 @@ class Broker:
     def _finish(self, task: Task) -> None:
         client = self.clients.get(task.client)
         if client is not None:
-            client.wanted.discard((task.epoch, task.index))
+            client.wanted.pop((task.epoch, task.index), None)
             client.crashes.pop((task.epoch, task.index), None)
 
     def _release_sent(self) -> None:
@@ -538,6 +554,10 @@ class Broker:
                    f"{MAX_BATCH_CRASHES} workers in a row (last: {last}); a sample in it may crash the "
                    f"reader or an augment op, or its file may be unreadable: {shown}")
         log.error("%s; failing it instead of retrying", problem)
+        self._fail(task, problem)
+
+    def _fail(self, task: Task, problem: str) -> None:
+        self.failed += 1
         self._finish(task)
         self._error(task.client, "batch_failed", problem, epoch=task.epoch, index=task.index)
 
@@ -572,15 +592,12 @@ class Broker:
     # -- stats -----------------------------------------------------------------------------
 
     def stats(self) -> dict:
+        """Everything `npyloader stats` shows and Prometheus scrapes, as plain values."""
         now = time.monotonic()
         return {
             "uptime_s": round(now - self._started, 3),
-            "datasets": {
-                name: {"samples": ds.plan.num_samples, "batches": ds.plan.num_batches,
-                       "batch_size": ds.plan.batch_size,
-                       "free_slots": ds.slots.free if ds.slots is not None else 0}
-                for name, ds in self.datasets.items()
-            },
+            "startup_s": round(self.startup_s, 3),
+            "datasets": {name: self._dataset_stats(ds) for name, ds in self.datasets.items()},
             "workers": {
                 "alive": self.pool.alive() + sum(not w.local for w in self.workers.values()),
                 "ready": len(self.workers), "respawns": self.pool.respawns, "requeued_batches": self.requeued,
@@ -588,12 +605,20 @@ class Broker:
             },
             "clients": [{"id": c.identity.hex(), "dataset": c.dataset.name, "batches": c.batches,
                          "bytes": c.bytes, "wait_s": round(c.wait_s, 3), "pending": len(c.pending),
-                         "connected_s": round(now - c.since, 3)}
+                         "outstanding": len(c.wanted), "connected_s": round(now - c.since, 3)}
                         for c in self.clients.values()],
             "batches_served": self.batches_sent,
             "bytes_served": self.bytes_sent,
+            "failed_batches": self.failed,
             "rejected": dict(self.rejected),
         }
+
+    def _dataset_stats(self, ds: ServedDataset) -> dict[str, Any]:
+        mine = [c for c in self.clients.values() if c.dataset is ds]
+        return {"samples": ds.plan.num_samples, "batches": ds.plan.num_batches, "batch_size": ds.plan.batch_size,
+                "free_slots": ds.slots.free if ds.slots is not None else 0,
+                "queued": sum(len(c.pending) for c in mine), "outstanding": sum(len(c.wanted) for c in mine),
+                "index_s": round(ds.index_s, 3), **ds.counters.snapshot()}
 
 
 def _worker_stats(w: Worker, now: float) -> dict[str, Any]:

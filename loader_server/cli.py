@@ -46,6 +46,13 @@ def _dataset_flags(p: argparse.ArgumentParser) -> None:
                         "samples (skip; logged once per file)")
 
 
+def _metrics_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (0 picks a free port)")
+    p.add_argument("--metrics-host", default="0.0.0.0", metavar="ADDR",
+                   help="address the metrics listen on (default 0.0.0.0, for a Prometheus on another host)")
+
+
 def _client_curve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--curve-secret-key", metavar="FILE", help="this peer's .key_secret, for a CURVE server")
     p.add_argument("--curve-server-key", metavar="FILE", help="the server's public .key")
@@ -86,6 +93,7 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--index-cache", metavar="DIR", type=Path, default=None,
                        help="where indexes of many-file datasets are cached (default ~/.cache/npyloader)")
     serve.add_argument("--no-index-cache", action="store_true", help="always read every file's header")
+    _metrics_flags(serve)
     serve.add_argument("--curve-secret-key", metavar="FILE", help="this server's .key_secret (npyloader keygen)")
     serve.add_argument("--authorized-keys", metavar="DIR", help="public keys (*.key) of clients and workers to admit")
 
@@ -95,6 +103,7 @@ def _build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--data-root", metavar="PATH",
                         help="where this machine keeps the data, if not at the server's paths")
     worker.add_argument("--heartbeat", type=float, default=1.0, metavar="SECONDS")
+    _metrics_flags(worker)
     _client_curve_flags(worker)
 
     keygen = sub.add_parser("keygen", help="make a CURVE key pair: NAME.key (public) and NAME.key_secret")
@@ -152,7 +161,8 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
     index_cache = None if args.no_index_cache else (args.index_cache or default_dir())
     return ServeConfig(datasets=datasets, bind=bind, workers=workers, worker_bind=worker_bind,
                        heartbeat_s=args.heartbeat, client_timeout_s=args.client_timeout,
-                       drain_s=args.drain_timeout, curve=curve,
+                       drain_s=args.drain_timeout, metrics_port=args.metrics_port,
+                       metrics_host=args.metrics_host, curve=curve,
                        index_cache=index_cache)
 
 
@@ -210,7 +220,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     if args.processes < 1:
         raise ConfigError(f"--processes must be at least 1, got {args.processes}")
     spec = RemoteWorkerSpec(args.connect, args.data_root, args.heartbeat, os.getpid(), _client_curve(args))
-    return run_workers(spec, args.processes)
+    metrics = (args.metrics_host, args.metrics_port) if args.metrics_port is not None else None
+    return run_workers(spec, args.processes, metrics)
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:

@@ -91,6 +91,8 @@ class ServeConfig:
     heartbeat_s: float = 1.0
     client_timeout_s: float = 60.0
     drain_s: float = 10.0
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
     curve: ServerCurve | None = None
     index_cache: Path | None = None
 
@@ -107,6 +109,8 @@ class ServeConfig:
                 raise ConfigError(f"{option} {endpoint!r} must be a tcp:// or ipc:// endpoint")
         if self.heartbeat_s <= 0:
             raise ConfigError(f"--heartbeat must be positive, got {self.heartbeat_s}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ConfigError(f"--metrics-port must be a port number (0 picks a free one), got {self.metrics_port}")
         if self.drain_s < 0:
             raise ConfigError(f"--drain-timeout must be 0 or more seconds, got {self.drain_s:g}")
         if self.client_timeout_s < MIN_CLIENT_TIMEOUT_S:

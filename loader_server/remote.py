@@ -11,13 +11,14 @@ first file that differs.
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 import os
 import signal
 import socket
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import zmq
@@ -27,6 +28,7 @@ from loader_client.security import ClientCurve
 from loader_server.config import ConfigError, DatasetConfig
 from loader_server.dataset import DatasetError, DatasetIndex
 from loader_server.index_cache import default_dir, load_or_build
+from loader_server.metrics import SharedCounters, SnapshotCollector, start_exporter, worker_families
 from loader_server.pool import LocalPool
 from loader_server.sampler import Plan
 from loader_server.worker import TASKS_IN_FLIGHT, TaskRunner, WorkerDataset, WorkerLoop
@@ -122,6 +124,7 @@ class RemoteWorkerSpec:
     heartbeat_s: float
     parent_pid: int
     curve: ClientCurve | None = None
+    counters: SharedCounters | None = None
 
 
 REFUSED_EXIT = 3
@@ -160,7 +163,9 @@ def _serve_one_session(ctx: zmq.Context, spec: RemoteWorkerSpec, orphaned: Calla
             sock.send_multipart(protocol.encode("refused", {"message": str(e)}))
             sock.poll(1000, zmq.POLLOUT)
             return "refused"
-        runner = TaskRunner(datasets, None)
+        runner = TaskRunner(datasets, None, spec.counters)
+        if spec.counters is not None:
+            spec.counters.add(sessions=1)
         ready = protocol.encode("ready", {"pid": os.getpid(), "host": socket.gethostname(),
                                           "capacity": TASKS_IN_FLIGHT, "local": False})
         loop = WorkerLoop(ctx, sock, runner, join, spec.heartbeat_s)
@@ -230,21 +235,35 @@ def _prepare(setup: dict[str, Any], data_root: str | None) -> dict[str, WorkerDa
     return datasets
 
 
-def run_workers(spec: RemoteWorkerSpec, processes: int) -> int:
+def run_workers(spec: RemoteWorkerSpec, processes: int, metrics: tuple[str, int] | None = None) -> int:
     """`npyloader worker`: N processes joined to one server, each restarted if it dies, until
-    SIGINT or SIGTERM. Exit status 2 when the server's data differs from this machine's."""
+    SIGINT or SIGTERM. Exit status 2 when the server's data differs from this machine's.
+    `metrics` (host, port) serves this host's counters to Prometheus."""
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    counters = SharedCounters(mp.get_context("spawn")) if metrics else None
+    spec = replace(spec, counters=counters)
     pool = LocalPool(lambda _: spec, processes, target=run_remote_worker)
     log.info("%d worker process(es) joining %s", processes, spec.connect)
+    latest: dict[str, Any] = {}
+    exporter = None
     try:
+        if counters is not None and metrics is not None:
+            collector = SnapshotCollector(lambda: latest.get("now"), worker_families)
+            exporter = start_exporter(metrics[1], metrics[0], collector, "worker")
         while not stop.wait(0.2):
             for _, code in pool.reap():
                 if code == REFUSED_EXIT:
                     log.error("this machine's data differs from the server's (see above); stopping")
                     return 2
+            if counters is not None:
+                latest["now"] = {**counters.snapshot(), "alive": pool.alive(), "respawns": pool.respawns,
+                                 "server": spec.connect, "host": socket.gethostname()}
         return 0
     finally:
+        if exporter is not None:
+            exporter.shutdown()
+            exporter.server_close()
         pool.stop(deadline_s=1.0)
         for sig, handler in previous.items():
             signal.signal(sig, handler)

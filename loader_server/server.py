@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -25,6 +26,7 @@ from loader_server.broker import Broker, ServedDataset
 from loader_server.config import ConfigError, DatasetConfig, ServeConfig
 from loader_server.dataset import DatasetIndex, SampleReader
 from loader_server.index_cache import load_or_build
+from loader_server.metrics import SnapshotCollector, server_families, start_exporter
 from loader_server.pool import LocalPool
 from loader_server.sampler import Plan
 from loader_server.slots import SlotPool
@@ -34,6 +36,7 @@ log = logging.getLogger("npyloader")
 
 SLOTS_PER_WORKER = 4
 CLOSE_LINGER_MS = 1000
+PUBLISH_S = 0.5
 MIN_SLOTS = 32
 
 
@@ -96,6 +99,8 @@ class Server:
         self._pool: LocalPool | None = None
         self._auth = None
         self._csock = self._wsock = None
+        self._exporter = None
+        self._started = time.monotonic()
         try:
             self._setup()
         except BaseException:
@@ -107,14 +112,16 @@ class Server:
         nslots = max(MIN_SLOTS, SLOTS_PER_WORKER * cfg.workers)
         indexes, specs, worker_datasets = {}, {}, {}
         for name, dcfg in cfg.datasets.items():
+            indexing = time.monotonic()
             index = indexes[name] = load_or_build(dcfg, cfg.index_cache)
+            index_s = time.monotonic() - indexing
             arrays = specs[name] = output_arrays(index, dcfg)
             plan = Plan(index.num_samples, dcfg.batch_size, dcfg.seed, dcfg.shuffle, dcfg.drop_remainder)
             if plan.num_batches == 0:
                 raise ConfigError(f"dataset '{name}': {index.num_samples} samples make no full batch of "
                                   f"{dcfg.batch_size} with --drop-remainder; lower --batch-size")
             slots = _slot_pool(name, nslots, dcfg.batch_size, arrays) if cfg.workers else None
-            self._datasets[name] = ServedDataset(name, index, plan, arrays, slots)
+            self._datasets[name] = ServedDataset(name, index, plan, arrays, slots, index_s)
             worker_datasets[name] = WorkerDataset(index, plan, dcfg.augment, tuple(arrays),
                                                   slots.layout if slots else None, dcfg.on_bad_file == "skip")
 
@@ -141,6 +148,11 @@ class Server:
             lambda wid: WorkerSpec(wid, worker_endpoint, worker_datasets, parent, cfg.heartbeat_s), cfg.workers)
         self.broker = Broker(self._datasets, self._csock, self._wsock, self._pool, setup, cfg.heartbeat_s,
                              cfg.client_timeout_s)
+        self.broker.startup_s = time.monotonic() - self._started
+        if cfg.metrics_port is not None:
+            self.broker.publish_s = PUBLISH_S
+            collector = SnapshotCollector(lambda: self.broker.published, server_families)
+            self._exporter = start_exporter(cfg.metrics_port, cfg.metrics_host, collector, "server")
 
     def _socket(self, max_message: int) -> zmq.Socket:
         """A ROUTER with a bound on inbound messages, encrypted when CURVE is configured."""
@@ -172,6 +184,9 @@ class Server:
         self._stop.set()
 
     def close(self) -> None:
+        if self._exporter is not None:
+            self._exporter.shutdown()
+            self._exporter.server_close()
         if self._pool is not None:
             self._pool.stop(told=self.broker.stop_workers())
         if self._csock is not None:

@@ -29,6 +29,7 @@ import zmq
 from loader_client import protocol
 from loader_server.augment import Pipeline, build_pipeline, sample_rng
 from loader_server.dataset import DatasetError, DatasetIndex, SampleReader
+from loader_server.metrics import SharedCounters
 from loader_server.sampler import Plan
 from loader_server.slots import SlotLayout, SlotReader
 
@@ -71,10 +72,15 @@ class BatchBuilder:
         self.reader = SampleReader(ds.index)
         self.pipeline: Pipeline = build_pipeline(ds.augment, spatial_targets=ds.index.spec.spatial_targets)
         self._reported: set[str] = set()
+        self.read_s = 0.0
+        self.augment_s = 0.0
 
     def fill(self, epoch: int, samples: np.ndarray, outs: list[np.ndarray]) -> int:
         """Fill rows of `outs` with the batch's samples; returns how many rows were filled
-        (fewer than the batch when --on-bad-file skip left out unreadable samples)."""
+        (fewer than the batch when --on-bad-file skip left out unreadable samples).
+        `read_s` and `augment_s` say where this batch's time went, so a user who waits on data
+        learns whether reading or augmentation is the cost."""
+        self.read_s = self.augment_s = 0.0
         j = 0
         for sid in samples.tolist():
             try:
@@ -91,11 +97,16 @@ class BatchBuilder:
         return j
 
     def _fill_row(self, epoch: int, sid: int, outs: list[np.ndarray], j: int) -> None:
+        started = time.perf_counter()
         if not len(self.pipeline):
             self.reader.read_into(sid, outs, j)
+            self.read_s += time.perf_counter() - started
             return
         x, y = self.reader.read(sid)
+        read = time.perf_counter()
+        self.read_s += read - started
         x, y = self.pipeline(x, y, sample_rng(self.ds.plan.seed, epoch, sid))
+        self.augment_s += time.perf_counter() - read
         for out, value, (name, _, _) in zip(outs, (x,) if y is None else (x, y), self.ds.specs):
             _place(out, j, value, name)
 
@@ -125,9 +136,11 @@ def _place(out: np.ndarray, row: int, value: np.ndarray, name: str) -> None:
 class TaskRunner:
     """Turns a task message into the reply frames; runs on the compute thread."""
 
-    def __init__(self, datasets: dict[str, WorkerDataset], slots: SlotReader | None) -> None:
+    def __init__(self, datasets: dict[str, WorkerDataset], slots: SlotReader | None,
+                 counters: SharedCounters | None = None) -> None:
         self.builders = {name: BatchBuilder(ds) for name, ds in datasets.items()}
         self._slots = slots
+        self._counters = counters
 
     def __call__(self, msg: protocol.Message) -> list:
         started = time.perf_counter()
@@ -140,8 +153,13 @@ class TaskRunner:
             rows = builder.fill(msg["epoch"], samples, arrays)
         except Exception as e:
             log.error("batch %d of epoch %d of '%s' failed: %s", msg["index"], msg["epoch"], msg["dataset"], e)
+            if self._counters is not None:
+                self._counters.add(failed=1)
             return protocol.encode("failed", {"task": msg["task"], "message": str(e)})
-        fields = {"task": msg["task"], "rows": rows, "busy_s": time.perf_counter() - started}
+        fields = {"task": msg["task"], "rows": rows, "busy_s": time.perf_counter() - started,
+                  "read_s": builder.read_s, "augment_s": builder.augment_s}
+        if self._counters is not None:
+            self._counters.add(batches=1, busy_s=fields["busy_s"], read_s=builder.read_s, augment_s=builder.augment_s)
         if msg.get("slot") is not None:
             return protocol.encode("done", fields)
         return protocol.encode("done", fields, [(name, a[:rows]) for (name, _, _), a in zip(builder.ds.specs, arrays)])
