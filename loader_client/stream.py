@@ -267,14 +267,31 @@ class Connection:
                 key = (msg["epoch"], msg["index"])
                 if key in self._outstanding:
                     self._outstanding.discard(key)
-                    self._ready[key] = tuple(msg.arrays.values())
-                    self.batches += 1
-                    self.bytes += sum(a.nbytes for a in msg.arrays.values())
+                    problem = self._unlike_welcome(msg.arrays)
+                    if problem:
+                        self._failed[key] = problem
+                    else:
+                        self._ready[key] = tuple(msg.arrays.values())
+                        self.batches += 1
+                        self.bytes += sum(a.nbytes for a in msg.arrays.values())
             elif msg.type == "welcome":
                 self._on_welcome(msg)
             elif msg.type == "error":
                 self._on_error(msg)
             self._cv.notify_all()
+
+    def _unlike_welcome(self, arrays: dict[str, np.ndarray]) -> str | None:
+        """Why a batch breaks what the welcome promised, or None. The schema only makes each array
+        well-formed; a batch missing `y`, in another dtype or sample shape, or with more rows than
+        a batch, would otherwise reach the caller as if it were the batch asked for."""
+        assert self.info is not None  # batches are asked for only after the welcome
+        specs, limit = list(self.info.specs), self.info.batch_size
+        got = [(name, a.dtype.str, a.shape[1:]) for name, a in arrays.items()]
+        rows = {a.shape[0] if a.ndim else -1 for a in arrays.values()}
+        if got == specs and len(rows) == 1 and 0 <= min(rows) <= limit:
+            return None
+        return (f"it arrived as {[(name, a.dtype.str, a.shape) for name, a in arrays.items()]}, but the "
+                f"welcome promised up to {limit} rows of {specs}")
 
     def _on_welcome(self, msg: protocol.Message) -> None:
         info = DatasetInfo(msg["dataset"], msg["num_samples"], msg["batch_size"], msg["batches"],

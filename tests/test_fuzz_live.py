@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from hypothesis import strategies as st
 from zmq.utils.monitor import recv_monitor_message
 
 from loader_client import protocol
-from loader_client.stream import Connection, request_stats
+from loader_client.stream import Connection, ServerError, request_stats
 from loader_server.broker import CLIENT_MESSAGES, WORKER_MESSAGES
 from tests.conftest import (READY, WORKER_ENDPOINT, ServerProcess, serve_command, wait_for,
                             write_id_dataset)
@@ -580,6 +581,129 @@ def test_stats_stay_readable_with_workers_on_long_host_names(live):
         stats = request_stats(live.server.endpoint)
     assert [w["host"] for w in stats["workers"]["list"] if not w["local"]] == [host] * len(socks)
     assert_still_serving(live)
+
+
+# ---------------------------------------------------------------------------------------------
+# The client, fed hostile replies by a fake server
+
+CLIENT_TIMEOUT_S = 5.0
+FUZZ_KEY = (0, 0)
+SPECS = (("x", "<f4", (FEATURES,)), ("y", "<f4", ()))
+WELCOME = {"dataset": "train", "num_samples": NUM_SAMPLES, "batch_size": BATCH, "batches": NUM_BATCHES,
+           "specs": [[n, d, list(s)] for n, d, s in SPECS]}
+
+
+def good_batch(epoch: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """What the fake server serves for (epoch, index): distinct per key, so a mix-up shows."""
+    y = (np.arange(BATCH) + BATCH * index + 1000.0 * (epoch % 1000)).astype("<f4")
+    return (y[:, None] * 3 + np.arange(FEATURES)).astype("<f4"), y
+
+
+class FakeServer:
+    """A ROUTER on loopback, run in a thread, that plays the server for one Connection: it welcomes
+    every hello, answers pings and serves each requested batch with `good_batch`; but it answers
+    the first hello with `before_welcome` first, and the first request of FUZZ_KEY with `hostile`
+    first, and serves FUZZ_KEY only if `serve_fuzz_key`. What the client sends must follow the
+    contract too: anything else ends up in `errors`."""
+
+    def __init__(self, hostile: list[Frames] = (), before_welcome: list[Frames] = (), welcome: bool = True,
+                 serve_fuzz_key: bool = True) -> None:
+        self.hostile, self.before_welcome = list(hostile), list(before_welcome)
+        self.welcome, self.serve_fuzz_key = welcome, serve_fuzz_key
+        self.errors: list[BaseException] = []
+        self.url = ""
+        self._bound = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fake-server", daemon=True)
+
+    def __enter__(self) -> FakeServer:
+        self._thread.start()
+        assert self._bound.wait(REPLY_TIMEOUT_S), "the fake server did not bind"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(REPLY_TIMEOUT_S)
+        assert not self._thread.is_alive(), "the fake server did not stop"
+
+    def _run(self) -> None:
+        sock = zmq.Context.instance().socket(zmq.ROUTER)  # created in the thread that uses it
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            self.url = f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}"
+            self._bound.set()
+            hellos = 0
+            while not self._stop.is_set():
+                if not sock.poll(20):
+                    continue
+                identity, *frames = sock.recv_multipart()
+                msg = protocol.decode(frames, allowed=CLIENT_MESSAGES)
+
+                def send(reply: list) -> None:
+                    sock.send_multipart([identity, *reply])
+
+                if msg.type == "hello":
+                    if hellos == 0:
+                        for reply in self.before_welcome:
+                            send(reply)
+                    hellos += 1
+                    if self.welcome:
+                        send(protocol.encode("welcome", WELCOME))
+                elif msg.type == "request":
+                    for index in msg["batches"]:
+                        key = (msg["epoch"], index)
+                        if key == FUZZ_KEY and self.hostile:
+                            for reply in self.hostile:
+                                send(reply)
+                            self.hostile = []
+                        if key != FUZZ_KEY or self.serve_fuzz_key:
+                            x, y = good_batch(*key)
+                            send(protocol.encode("batch", {"epoch": key[0], "index": index}, [("x", x), ("y", y)]))
+                elif msg.type == "ping":
+                    send(protocol.encode("pong"))
+        except BaseException as e:  # reported by the test, which runs in another thread
+            self.errors.append(e)
+        finally:
+            sock.close(0)
+
+
+@contextmanager
+def connection(url: str, timeout: float) -> Iterator[Connection]:
+    conn = Connection(url, timeout=timeout)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def assert_good(batch: tuple[np.ndarray, ...], key: tuple[int, int]) -> None:
+    assert len(batch) == 2
+    for got, want in zip(batch, good_batch(*key)):
+        np.testing.assert_array_equal(got, want)
+        assert got.dtype == want.dtype
+
+
+@pytest.mark.parametrize("arrays", [
+    [],
+    [("x", np.zeros((BATCH, FEATURES), "<f4"))],
+    [("x", np.zeros((BATCH, FEATURES), "<f8")), ("y", np.zeros(BATCH, "<f4"))],
+    [("x", np.zeros((BATCH, 3), "<f4")), ("y", np.zeros(BATCH, "<f4"))],
+    [("x", np.zeros((BATCH + 1, FEATURES), "<f4")), ("y", np.zeros(BATCH + 1, "<f4"))],
+    [("x", np.zeros((BATCH, FEATURES), "<f4")), ("y", np.zeros(BATCH - 1, "<f4"))],
+    [("y", np.zeros(BATCH, "<f4")), ("x", np.zeros((BATCH, FEATURES), "<f4"))],
+], ids=["no-arrays", "no-y", "dtype", "sample-shape", "rows-over-batch", "rows-differ", "order"])
+def test_a_batch_unlike_the_welcome_fails_clearly_instead_of_reaching_the_caller(arrays):
+    """Found by the client fuzz: a batch whose arrays break what the welcome promised (here, sent
+    for the key asked for, before the right one) was handed to the caller as that batch, so a
+    Keras step got no `y`, another dtype or an oversized batch. It is a failed batch now."""
+    bad = wire(protocol.encode("batch", {"epoch": FUZZ_KEY[0], "index": FUZZ_KEY[1]}, arrays))
+    with FakeServer([bad]) as fake, connection(fake.url, CLIENT_TIMEOUT_S) as conn:
+        with pytest.raises(ServerError, match="welcome promised") as raised:
+            conn.get(*FUZZ_KEY)
+        assert fake.url in str(raised.value) and "could not build batch 0 of epoch 0" in str(raised.value)
+        assert_good(conn.get(0, 1), (0, 1))
+        assert conn.batches == 1
+    assert not fake.errors, fake.errors
 
 
 # ---------------------------------------------------------------------------------------------
