@@ -319,8 +319,9 @@ class Connection:
             self._fatal = ValueError(f"{self.url}: {text}")
         elif "epoch" in msg.fields and "index" in msg.fields:
             key = (msg["epoch"], msg["index"])
-            self._outstanding.discard(key)
-            self._failed[key] = text
+            if key in self._outstanding:  # else not asked for, or cancelled: kept, it would fail a later ask
+                self._outstanding.discard(key)
+                self._failed[key] = text
         else:
             self._fatal = ServerError(f"{self.url} refused a request: {text}")
 

@@ -706,6 +706,16 @@ def test_a_batch_unlike_the_welcome_fails_clearly_instead_of_reaching_the_caller
     assert not fake.errors, fake.errors
 
 
+def test_an_error_about_a_batch_never_asked_for_does_not_fail_it_later():
+    """Found by the client fuzz: an error naming a batch the client had not asked for (a stray,
+    or one it cancelled) was kept, and failed that batch at once when it was asked for later."""
+    stray = wire(protocol.encode("error", {"code": "batch_failed", "message": "stale", "epoch": 0, "index": 2}))
+    with FakeServer([stray]) as fake, connection(fake.url, CLIENT_TIMEOUT_S) as conn:
+        assert_good(conn.get(*FUZZ_KEY), FUZZ_KEY)
+        assert_good(conn.get(0, 2), (0, 2))
+    assert not fake.errors, fake.errors
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory and liveness at the end of the module
 
