@@ -127,8 +127,9 @@ def server_families(s: dict[str, Any]) -> Iterator[Any]:
                  ["dataset", "client"], by_client("batches"))
     yield family(CounterMetricFamily, "npyloader_client_bytes", "Array bytes sent to this client.",
                  ["dataset", "client"], by_client("bytes"))
-    yield family(GaugeMetricFamily, "npyloader_client_wait_seconds",
-                 "Time the client's training loop waited for data, as the client last reported it.",
+    yield family(CounterMetricFamily, "npyloader_client_wait_seconds",
+                 "Time the client's training loop waited for data, as the client last reported it "
+                 "(its rate is the fraction of time training was starved).",
                  ["dataset", "client"], by_client("wait_s"))
     yield family(GaugeMetricFamily, "npyloader_client_outstanding_batches",
                  "Batches this client asked for that are not yet sent.", ["dataset", "client"],

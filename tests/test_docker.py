@@ -480,7 +480,8 @@ def test_compose_files_agree_and_keep_the_deployment_rules() -> None:
     clean_env = {k: v for k, v in os.environ.items()
                  if k not in {"DATA_DIR", "LOADER_ARGS", "LOADER_PORT", "WORKER_PORT", "LOADER_WORKERS",
                               "WORKER_ARGS", "NPYLOADER_IMAGE", "NPYLOADER_BASE", "COMPOSE_FILE",
-                              "COMPOSE_PROJECT_NAME"}}
+                              "COMPOSE_PROJECT_NAME", "PROMETHEUS_IMAGE", "GRAFANA_IMAGE", "PROMETHEUS_PORT",
+                              "GRAFANA_PORT"}}
     clean_env["DOCKER_HOST"] = DOCKER_HOST  # `docker-compose config` needs no engine, only a valid value
     compose_load = _compose_loader()
 
@@ -509,9 +510,9 @@ def test_compose_files_agree_and_keep_the_deployment_rules() -> None:
 
     command = loader["command"] if isinstance(loader["command"], list) else shlex.split(loader["command"])
     assert command == ["serve", "--config", "/data/loader.toml", "--bind", "tcp://0.0.0.0:5555",
-                       "--worker-bind", "tcp://0.0.0.0:5556", "--workers", "1"]
+                       "--worker-bind", "tcp://0.0.0.0:5556", "--workers", "1", "--metrics-port", "9100"]
     wcommand = worker["command"] if isinstance(worker["command"], list) else shlex.split(worker["command"])
-    assert wcommand == ["worker", "--connect", "tcp://loader:5556"]
+    assert wcommand == ["worker", "--connect", "tcp://loader:5556", "--metrics-port", "9101"]
     published = {str(p.get("published")) if isinstance(p, dict) else p.split(":")[0] for p in loader["ports"]}
     assert published == {"5555", "5556"}
 

@@ -111,7 +111,10 @@ def test_loader_serves_clients_and_workers_with_stats_probes_and_memory_shm(objs
     assert pairs["--bind"] == "tcp://0.0.0.0:5555"
     assert pairs["--worker-bind"] == "tcp://0.0.0.0:5556"
     assert pairs["--workers"] == "0"
-    assert {p["containerPort"] for p in c["ports"]} == {5555, 5556}
+    assert pairs["--metrics-port"] == "9100"
+    assert {p["containerPort"] for p in c["ports"]} == {5555, 5556, 9100}
+    annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": "9100"}
 
     for probe in ("readinessProbe", "livenessProbe"):
         assert c[probe]["exec"]["command"] == STATS_PROBE, probe

@@ -3,7 +3,7 @@
 # that has no Docker daemon and reaches no image registry (only Debian's packages and PyPI).
 #
 #   tools/local-docker.sh up     as root: apt-get install docker.io docker-compose debootstrap if
-#                                missing; start dockerd (vfs storage, no iptables, no default
+#                                missing (and, best effort, prometheus for the monitoring tests); start dockerd (vfs storage, no iptables, no default
 #                                bridge) on its own socket under /tmp/npyloader-docker unless it is
 #                                already running; wait until it answers; build the base image
 #                                npyloader-base:bookworm with debootstrap (rootfs cached) if missing.
@@ -91,6 +91,28 @@ install_packages() {
     say "installed ${missing[*]} in $(elapsed "$t")"
 }
 
+install_prometheus() {
+    # Debian's prometheus package, whose server and promtool let tests/test_monitoring.py check
+    # the compose monitoring profile for real. Best effort: without it those tests are skipped,
+    # saying why. Its service is not started (policy-rc.d), on this machine or any other.
+    local policy=/usr/sbin/policy-rc.d made=""
+    command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 && return 0
+    command -v apt-get >/dev/null 2>&1 || { say "no apt-get: not installing prometheus"; return 0; }
+    mkdir -p "$STATE"
+    say "installing prometheus with apt-get, for tests/test_monitoring.py (log: $APT_LOG)"
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && made=1
+    fi
+    if DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >>"$APT_LOG" 2>&1 \
+        || { apt-get update >>"$APT_LOG" 2>&1;
+             DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus >>"$APT_LOG" 2>&1; }; then
+        say "installed prometheus"
+    else
+        say "could not install prometheus ($(last_line "$APT_LOG")); tests that run it will be skipped"
+    fi
+    [ -z "$made" ] || rm -f "$policy"
+}
+
 start_dockerd() {
     local pid t deadline
     if pid="$(dockerd_pid)"; then
@@ -174,6 +196,7 @@ ready_message() {
 }
 
 cmd_up() {
+    [ "$(id -u)" -ne 0 ] || install_prometheus
     # Everything already in place (started earlier by root): nothing to do, root or not.
     if dockerd_pid >/dev/null && engine_answers && docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
         say "dockerd already running (pid $(dockerd_pid)); base image $BASE_IMAGE present"
