@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from loader_server.progress import Progress
+
 log = logging.getLogger(__name__)
 
 ROWS_PER_FILE = 64
@@ -88,19 +90,23 @@ def write_files(folder: Path, wl: Workload) -> None:
     """Combined layout, as in the tutorial: features then the label as the last column."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    for i in range(wl.samples // ROWS_PER_FILE):
-        rows = rng.random((ROWS_PER_FILE, wl.side * wl.side + 1), dtype=np.float32)
-        rows[:, -1] = rng.integers(0, 10, ROWS_PER_FILE)
-        np.save(folder / f"part-{i:04d}.npy", rows)
+    with Progress(f"bench: writing {folder.name} files", wl.samples // ROWS_PER_FILE, "files") as progress:
+        for i in range(wl.samples // ROWS_PER_FILE):
+            rows = rng.random((ROWS_PER_FILE, wl.side * wl.side + 1), dtype=np.float32)
+            rows[:, -1] = rng.integers(0, 10, ROWS_PER_FILE)
+            np.save(folder / f"part-{i:04d}.npy", rows)
+            progress.advance()
 
 
 def write_small_files(folder: Path, count: int) -> None:
     """One 8x8 sample per file, the case where indexing cost is per file."""
     folder.mkdir(parents=True, exist_ok=True)
     sample = np.zeros((8, 8), np.float32)
-    for i in range(count):
-        sample[0, 0] = i
-        np.save(folder / f"s{i:06d}.npy", sample)
+    with Progress("bench: writing one-sample files", count, "files") as progress:
+        for i in range(count):
+            sample[0, 0] = i
+            np.save(folder / f"s{i:06d}.npy", sample)
+            progress.advance()
     np.save(folder.parent / "small-labels.npy", np.arange(count) % 10)
 
 

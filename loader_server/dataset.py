@@ -28,6 +28,8 @@ from typing import BinaryIO
 import numpy as np
 from numpy.lib import format as npy_format
 
+from loader_server.progress import Progress
+
 from loader_server.config import ConfigError, DatasetConfig
 
 log = logging.getLogger(__name__)
@@ -309,7 +311,12 @@ def _data_files(patterns: tuple[str, ...]) -> list[str]:
 
 
 def _sources(paths: list[str], key: str | None) -> list[ArraySource]:
-    return [read_source(p, key if _is_npz(p) else None) for p in paths]
+    sources = []
+    with Progress("indexing: reading .npy headers", len(paths), "files") as progress:
+        for p in paths:
+            sources.append(read_source(p, key if _is_npz(p) else None))
+            progress.advance()
+    return sources
 
 
 def _pair_files(inputs: list[str], targets: list[str]) -> list[tuple[str, str]]:

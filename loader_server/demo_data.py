@@ -69,6 +69,7 @@ def write_demo_data(out_dir: str | Path, *, files_per_split: int = 4,
 
 def _digit_rows() -> np.ndarray:
     """(1797, 65) float32: pixels scaled from 0..16 to [0, 1], then the digit as the last column."""
+    log.info("loading scikit-learn's bundled digits (8x8 images of 0-9, 1,797 samples)")
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:
