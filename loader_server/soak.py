@@ -104,7 +104,7 @@ class Soak:
         cluster.start_server()
         cluster.start_remote()
         cluster.start_readers()
-        if not cluster.wait_for(lambda: cluster.healthy({}), FIRST_BATCH_TIMEOUT_S):
+        if not cluster.wait_for(cluster.healthy, FIRST_BATCH_TIMEOUT_S):
             raise SoakError(f"the soak's clients and workers were not all running within "
                             f"{FIRST_BATCH_TIMEOUT_S:g}s; server log:\n{tail(cluster.server_log)}")
         self._reading, self._read_since = True, time.monotonic()

@@ -51,6 +51,16 @@ class SoakConfig:
     prefetch: int = 8
 
 
+@dataclass(frozen=True)
+class ProgressMarks:
+    """Batches served so far to each client session, by session id, and by which server: a
+    restarted server numbers its sessions afresh (ZeroMQ's first routing ids are the same in
+    every process), so the same id on a new server is a new session."""
+
+    server_pid: int | None
+    batches: dict[str, int]
+
+
 class SoakError(RuntimeError):
     """The soak could not set up the system under test (a server that does not start)."""
 
@@ -204,17 +214,19 @@ class Cluster:
         except (TimeoutError, ServerError, OSError):
             return None
 
-    def progress_marks(self) -> dict[str, int]:
-        """Batches served so far to each client session, by session id."""
+    def progress_marks(self) -> ProgressMarks:
         stats = self.stats()
-        return {c["id"]: c["batches"] for c in stats["clients"]} if stats else {}
+        return ProgressMarks(self.server.pid if self.server is not None else None,
+                             {c["id"]: c["batches"] for c in stats["clients"]} if stats else {})
 
-    def healthy(self, marks: dict[str, int], gone_pid: int | None = None) -> bool:
+    def healthy(self, marks: ProgressMarks | None = None, gone_pid: int | None = None) -> bool:
         """Every worker registered (and `gone_pid` no longer among them), no vanished client
         still held, and each reading client served a batch since `marks` were taken."""
         stats = self.stats()
         if stats is None:
             return False
+        same_server = marks is not None and self.server is not None and self.server.pid == marks.server_pid
+        before = marks.batches if same_server else {}
         workers = stats["workers"]["list"]
         local = sum(w["local"] for w in workers)
         if local < self.cfg.workers or len(workers) - local < 1 or any(w["pid"] == gone_pid for w in workers):
@@ -222,7 +234,7 @@ class Cluster:
         if len(stats["clients"]) > len(READERS):
             return False
         for dataset, _ in READERS.values():
-            if not any(c["dataset"] == dataset and c["batches"] > marks.get(c["id"], 0) for c in stats["clients"]):
+            if not any(c["dataset"] == dataset and c["batches"] > before.get(c["id"], 0) for c in stats["clients"]):
                 return False
         return True
 
