@@ -1,14 +1,15 @@
 """npyloader client: stream batches from an npyloader server into Keras or any Python loop.
 
 `import loader_client` needs only numpy, pyzmq and msgpack; Keras (and TensorFlow) load only
-when `RemoteSequence` is first used, so tools and tests can use `BatchStream` without them.
+when `RemoteSequence` or `DataWaitMonitor` is first used, so tools and tests can use
+`BatchStream` without them.
 """
 
 from typing import Any
 
 from loader_client.stream import BatchStream, ServerError, request_stats
 
-__all__ = ["BatchStream", "RemoteSequence", "ServerError", "request_stats"]
+__all__ = ["BatchStream", "DataWaitMonitor", "RemoteSequence", "ServerError", "request_stats"]
 
 
 def __getattr__(name: str) -> Any:
@@ -16,4 +17,8 @@ def __getattr__(name: str) -> Any:
         from loader_client.keras import RemoteSequence
 
         return RemoteSequence
+    if name == "DataWaitMonitor":
+        from loader_client.monitor import DataWaitMonitor
+
+        return DataWaitMonitor
     raise AttributeError(f"module 'loader_client' has no attribute {name!r}")

@@ -18,7 +18,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from loader_client.stream import Batch, Connection, Curve
+from loader_client.stream import Batch, Connection, Curve, as_curve, request_stats
 
 PREFETCH_BYTES = 512 << 20
 MAX_DEFAULT_PREFETCH = 16
@@ -47,7 +47,8 @@ class RemoteSequence(keras.utils.PyDataset):
                 "loading already runs in the server's worker processes, so leave it off")
         if prefetch is not None and prefetch < 1:
             raise ValueError(f"prefetch must be at least 1, got {prefetch}")
-        self._conn = Connection(url, dataset, timeout=timeout, shard=shard, curve=curve)
+        self._curve = as_curve(curve)
+        self._conn = Connection(url, dataset, timeout=timeout, shard=shard, curve=self._curve)
         info = self._conn.info
         batch_bytes = sum(info.batch_size * int(np.prod(s)) * np.dtype(d).itemsize for _, d, s in info.specs)
         self.prefetch = prefetch or default_prefetch(batch_bytes)
@@ -85,6 +86,11 @@ class RemoteSequence(keras.utils.PyDataset):
         c = self._conn
         return {"batches": c.batches, "bytes": c.bytes, "wait_s": c.wait_s, "epoch": self.epoch,
                 "reconnects": c.reconnects}
+
+    def server_stats(self, timeout: float | None = None) -> dict[str, Any]:
+        """The server's stats (what `npyloader stats --json` prints), asked with this
+        sequence's own CURVE keys, so a secured server answers too."""
+        return request_stats(self.url, self._conn.timeout if timeout is None else timeout, curve=self._curve)
 
     def as_tf_dataset(self) -> Any:
         """A tf.data.Dataset of this stream; each full iteration is one epoch, then the next."""

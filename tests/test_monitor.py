@@ -1,0 +1,137 @@
+"""DataWaitMonitor: its bookkeeping with a scripted sequence, and real `model.fit` runs against
+real servers, throttled and not (the diagnosis itself: tests/test_diagnose.py)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras", reason="needs the keras extra: pip install -e '.[keras]'")
+
+from loader_client import DataWaitMonitor, RemoteSequence  # noqa: E402
+from loader_client.diagnose import AUGMENTATION  # noqa: E402
+
+IMAGE = 48
+SAMPLES = 1024
+BATCH = 16
+EPOCHS = 4
+
+
+class ScriptedSequence:
+    """Stands in for a RemoteSequence: `stats()` answers from a script; the server never answers."""
+
+    url = "tcp://127.0.0.1:9"
+    dataset = "train"
+
+    def __init__(self, script: list[tuple[float, int]]) -> None:
+        self.script = list(script)
+
+    def stats(self) -> dict:
+        wait_s, nbytes = self.script.pop(0)
+        return {"wait_s": wait_s, "bytes": nbytes}
+
+    def server_stats(self, timeout: float) -> dict:
+        raise TimeoutError(f"no answer from {self.url} within {timeout:g}s")
+
+
+def test_wait_beyond_the_wall_time_is_clamped_and_a_silent_server_only_costs_the_diagnosis(caplog):
+    monitor = DataWaitMonitor(ScriptedSequence([(0.0, 0), (1e6, 5000)]), warn_above=0.2)
+    logs: dict = {}
+    with caplog.at_level(logging.WARNING, logger="loader_client.monitor"):
+        monitor.on_epoch_begin(0)
+        monitor.on_epoch_end(0, logs)
+    assert logs["data_wait_fraction"] == 1.0 and logs["data_bytes_per_s"] > 0
+    [record] = caplog.records
+    assert "waited for data 100% of epoch 1" in record.message
+    assert "cause unknown: no stats from tcp://127.0.0.1:9" in record.message
+
+
+def test_the_window_closes_where_validation_begins_and_keys_carry_the_name(caplog):
+    seq = ScriptedSequence([(5.0, 100), (5.0, 100), (500.0, 9999)])
+    monitor = DataWaitMonitor(seq, name="train_data")
+    logs: dict = {}
+    with caplog.at_level(logging.WARNING, logger="loader_client.monitor"):
+        monitor.on_epoch_begin(3)
+        monitor.on_test_begin()
+        monitor.on_epoch_end(3, logs)
+    assert logs == {"train_data_wait_fraction": 0.0, "train_data_bytes_per_s": 0.0}
+    assert seq.script == [(500.0, 9999)], "validation's figures were not read into the epoch"
+    assert not caplog.records
+
+
+# -- real fits against real servers ----------------------------------------------------------------
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    """48x48 float32 images with a binary label column: 64 batches of 16 per epoch."""
+    rng = np.random.default_rng(0)
+    x = rng.random((SAMPLES, IMAGE * IMAGE), dtype=np.float32)
+    y = rng.integers(0, 2, SAMPLES).astype(np.float32)
+    (tmp_path / "images").mkdir()
+    np.save(tmp_path / "images" / "part.npy", np.column_stack([x, y]))
+    return tmp_path / "images"
+
+
+def small_cnn():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((IMAGE, IMAGE, 1)), keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1, activation="sigmoid")])
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    return model
+
+
+def serve_images(start_server, images: Path, workers: int, *augment: str):
+    return start_server("--data", str(images), "--label-column", "-1", "--x-shape", f"{IMAGE},{IMAGE},1",
+                        "--batch-size", str(BATCH), *augment, workers=workers)
+
+
+def fit_watched(endpoint: str, warn_above: float, *after) -> dict[str, list[float]]:
+    with RemoteSequence(endpoint, timeout=60) as train:
+        history = small_cnn().fit(train, epochs=EPOCHS, verbose=0,
+                                  callbacks=[DataWaitMonitor(train, warn_above=warn_above), *after])
+    return history.history
+
+
+@pytest.mark.slow
+def test_wait_fraction_and_rate_reach_history_and_callbacks_listed_after(start_server, images, tmp_path):
+    """CSVLogger reads the epoch's logs in on_epoch_end, as TensorBoard does: listed after the
+    monitor, both record its keys."""
+    server = serve_images(start_server, images, 2)
+    history = fit_watched(server.endpoint, 0.2, keras.callbacks.CSVLogger(str(tmp_path / "log.csv")))
+    assert len(history["data_wait_fraction"]) == EPOCHS
+    assert all(0.0 <= f <= 1.0 for f in history["data_wait_fraction"])
+    epoch_bytes = SAMPLES * (IMAGE * IMAGE + 1) * 4
+    assert all(r > epoch_bytes / 30 for r in history["data_bytes_per_s"]), "an epoch's bytes arrived within 30 s"
+    with open(tmp_path / "log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["data_wait_fraction"]) for r in rows] == pytest.approx(history["data_wait_fraction"])
+    assert [float(r["data_bytes_per_s"]) for r in rows] == pytest.approx(history["data_bytes_per_s"])
+
+
+@pytest.mark.slow
+def test_a_throttled_server_shows_a_higher_wait_and_one_warning_per_slow_epoch_naming_augmentation(
+        start_server, images, caplog):
+    warn_above = 0.15
+    fast = serve_images(start_server, images, 2)
+    unthrottled = fit_watched(fast.endpoint, warn_above)["data_wait_fraction"]
+    fast.stop()
+    slow = serve_images(start_server, images, 1, "--augment", "rotate:degrees=30,p=1,order=3")
+    caplog.clear()  # a busy machine can make even the unthrottled run wait now and then
+    with caplog.at_level(logging.WARNING, logger="loader_client.monitor"):
+        throttled = fit_watched(slow.endpoint, warn_above)["data_wait_fraction"]
+    print(f"wait fraction per epoch: unthrottled {[round(f, 2) for f in unthrottled]}, "
+          f"throttled {[round(f, 2) for f in throttled]}; warnings: {[r.message for r in caplog.records]}")
+    assert all(0.0 <= f <= 1.0 for f in unthrottled + throttled)
+    # the first epoch also traces the model, which hides waiting; compare the ones after it
+    assert np.mean(throttled[1:]) > np.mean(unthrottled[1:]) + 0.1
+    warnings = [r.message for r in caplog.records]
+    assert len(warnings) == sum(f > warn_above for f in throttled), "one line per epoch over the threshold"
+    assert any(f"likely cause: {AUGMENTATION}" in w and "ms of augmentation per batch" in w for w in warnings), warnings
