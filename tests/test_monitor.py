@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -17,6 +19,7 @@ keras = pytest.importorskip("keras", reason="needs the keras extra: pip install 
 
 from loader_client import DataWaitMonitor, RemoteSequence  # noqa: E402
 from loader_client.diagnose import AUGMENTATION  # noqa: E402
+from tests.conftest import serve_command  # noqa: E402
 
 IMAGE = 48
 SAMPLES = 1024
@@ -64,6 +67,22 @@ def test_the_window_closes_where_validation_begins_and_keys_carry_the_name(caplo
     assert logs == {"train_data_wait_fraction": 0.0, "train_data_bytes_per_s": 0.0}
     assert seq.script == [(500.0, 9999)], "validation's figures were not read into the epoch"
     assert not caplog.records
+
+
+def test_server_stats_are_asked_with_the_sequences_own_curve_keys(start_server, id_dataset, tmp_path):
+    """The monitor's diagnosis must work against a secured server, which ignores strangers."""
+    for name in ("server", "trainer"):
+        subprocess.run(serve_command("keygen", str(tmp_path / "keys"), "--name", name), check=True,
+                       capture_output=True, timeout=60)
+    (tmp_path / "authorized").mkdir()
+    shutil.copy(tmp_path / "keys" / "trainer.key", tmp_path / "authorized")
+    folder, _ = id_dataset
+    server = start_server("--data", str(folder), "--label-column", "-1", "--batch-size", "16",
+                          "--curve-secret-key", str(tmp_path / "keys" / "server.key_secret"),
+                          "--authorized-keys", str(tmp_path / "authorized"), workers=1)
+    curve = (tmp_path / "keys" / "trainer.key_secret", tmp_path / "keys" / "server.key")
+    with RemoteSequence(server.endpoint, timeout=30, curve=curve) as seq:
+        assert seq.server_stats(timeout=5)["datasets"]["train"]["samples"] == 203
 
 
 # -- real fits against real servers ----------------------------------------------------------------
