@@ -112,7 +112,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     stats = sub.add_parser("stats", help="show a running server's datasets, workers and clients")
     stats.add_argument("endpoint", nargs="?", default=DEFAULT_BIND)
-    stats.add_argument("--json", action="store_true", help="machine-readable output")
+    stats.add_argument("--json", action="store_true", help="machine-readable output (with --watch: one JSON object per line)")
+    stats.add_argument("--watch", action="store_true",
+                       help="refresh until Ctrl-C: a live table on a terminal, timestamped plain blocks into a pipe")
+    stats.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="--watch refresh period (default 1)")
     stats.add_argument("--timeout", type=float, default=5.0)
     _client_curve_flags(stats)
 
@@ -176,7 +179,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_stats(args: argparse.Namespace) -> int:
     from loader_client.stream import request_stats
 
-    stats = request_stats(args.endpoint, args.timeout, curve=_client_curve(args))
+    curve = _client_curve(args)
+    if args.watch:
+        from loader_server import watch
+
+        if args.interval <= 0:
+            raise ConfigError(f"--interval must be positive, got {args.interval:g}")
+        return watch.run(args.endpoint, args.interval, lambda: request_stats(args.endpoint, args.timeout, curve=curve),
+                         as_json=args.json)
+    stats = request_stats(args.endpoint, args.timeout, curve=curve)
     if args.json:
         print(json.dumps(stats, indent=2, sort_keys=True))
     else:

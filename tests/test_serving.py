@@ -239,8 +239,12 @@ def test_stats_command_reports_datasets_workers_and_clients(start_server, id_dat
         out = subprocess.run(serve_command("stats", server.endpoint, "--json"), capture_output=True, text=True,
                              timeout=60, check=True)
         stats = json.loads(out.stdout)
-        assert stats["datasets"]["train"] == {"samples": 203, "batches": 13, "batch_size": 16,
-                                              "free_slots": stats["datasets"]["train"]["free_slots"]}
+        train = stats["datasets"]["train"]
+        assert {k: train[k] for k in ("samples", "batches", "batch_size", "batches_served", "batches_built",
+                                      "queued", "outstanding")} == {
+            "samples": 203, "batches": 13, "batch_size": 16, "batches_served": 13, "batches_built": 13,
+            "queued": 0, "outstanding": 0}
+        assert train["latency_s"]["count"] == 13 and train["worker_read_s"] > 0 and train["worker_augment_s"] == 0
         assert stats["workers"]["alive"] == 2 and stats["batches_served"] == 13
         assert stats["clients"][0]["batches"] == 13
         text = subprocess.run(serve_command("stats", server.endpoint), capture_output=True, text=True,
