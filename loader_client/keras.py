@@ -22,6 +22,7 @@ from loader_client.stream import Batch, Connection, Curve, as_curve, request_sta
 
 PREFETCH_BYTES = 512 << 20
 MAX_DEFAULT_PREFETCH = 16
+SEQUENTIAL_RUN = 2
 
 
 def default_prefetch(batch_bytes: int) -> int:
@@ -60,6 +61,7 @@ class RemoteSequence(keras.utils.PyDataset):
         self.dataset = dataset
         self.epoch = epoch
         self._last_index = -2
+        self._run = 0
 
     def __len__(self) -> int:
         return self._conn.info.batches
@@ -68,7 +70,11 @@ class RemoteSequence(keras.utils.PyDataset):
         n = len(self)
         if not 0 <= index < n:
             raise IndexError(f"batch {index} is out of range: '{self.dataset}' has {n} batches per epoch")
-        if index == self._last_index + 1:
+        # Read ahead by index only once reads look sequential (predict, evaluate): under
+        # fit(shuffle=True) two neighbours in a row are rare, and reading ahead there would take
+        # workers away from the batches Keras asks for next.
+        self._run = self._run + 1 if index == self._last_index + 1 else 0
+        if self._run >= SEQUENTIAL_RUN:
             ahead = range(index, min(n, index + 1 + self.prefetch))
             self._conn.request(self.epoch, list(ahead))
         self._last_index = index
@@ -78,6 +84,7 @@ class RemoteSequence(keras.utils.PyDataset):
     def on_epoch_end(self) -> None:
         self.epoch += 1
         self._last_index = -2
+        self._run = 0
         self._conn.cancel_other_epochs(self.epoch)
 
     def stats(self) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from loader_client.security import ClientCurve
 log = logging.getLogger(__name__)
 
 PING_AFTER_S = 1.0
+KEPT_EPOCHS = 4
 DEFAULT_PREFETCH = 8
 _ids = itertools.count()
 
@@ -79,7 +80,8 @@ class Connection:
         self.wait_s = 0.0
         self.callers = 1
         self._blocked = 0
-        self._starved_since = 0.0
+        self._returned: dict[int, int] = {}
+        self._starved_since: float | None = None
         self.reconnects = 0
         self._ctx = zmq.Context.instance()
         self._wake_addr = f"inproc://npyloader-client-{id(self)}-{next(_ids)}"
@@ -126,13 +128,18 @@ class Connection:
         with self._cv:
             self._check_open()
             self._request_locked(epoch, [index])
-            self._enter_wait()
+            self._blocked += 1
+            self._account_wait(epoch)
             try:
                 arrived = self._cv.wait_for(
                     lambda: key in self._ready or key in self._failed or self._fatal is not None or self._closed,
                     self.timeout)
             finally:
-                self._leave_wait()
+                self._blocked -= 1
+                self._returned[epoch] = self._returned.get(epoch, 0) + 1
+                if len(self._returned) > KEPT_EPOCHS:  # a long BatchStream run: forget old epochs
+                    del self._returned[min(self._returned)]
+                self._account_wait(epoch)
             if key in self._ready:
                 return self._ready.pop(key)
             if key in self._failed:
@@ -145,18 +152,19 @@ class Connection:
                     f"is the server alive and are its workers running? (`npyloader stats {self.url}`)")
             raise AssertionError("unreachable")
 
-    def _enter_wait(self) -> None:
-        """Training is starved only while all of its loader threads are blocked: with fewer
-        blocked, Keras still has a finished batch in its queue. With one caller this is simply
-        the time spent blocked in `get`."""
-        self._blocked += 1
-        if self._blocked == self.callers:
-            self._starved_since = time.perf_counter()
-
-    def _leave_wait(self) -> None:
-        if self._blocked == self.callers:
-            self.wait_s += time.perf_counter() - self._starved_since
-        self._blocked -= 1
+    def _account_wait(self, epoch: int) -> None:
+        """Training is starved while every loader thread that can still be fetching is blocked:
+        with fewer blocked, Keras still has a finished batch in its queue. Near an epoch's end
+        fewer threads than `callers` have a batch left to fetch, so the bar is the smaller of
+        the two. With one caller this is simply the time spent blocked in `get`."""
+        left = self.info.batches - self._returned.get(epoch, 0) if self.info is not None else self.callers
+        starved = self._blocked > 0 and self._blocked >= min(self.callers, max(left, 1))
+        now = time.perf_counter()
+        if starved and self._starved_since is None:
+            self._starved_since = now
+        elif not starved and self._starved_since is not None:
+            self.wait_s += now - self._starved_since
+            self._starved_since = None
 
     def cancel_other_epochs(self, keep_epoch: int) -> None:
         """Forget batches of other epochs: the server drops them from its queue too."""
@@ -164,6 +172,7 @@ class Connection:
             self._outstanding = {k for k in self._outstanding if k[0] == keep_epoch}
             self._outbox = [k for k in self._outbox if k[0] == keep_epoch]
             self._ready = {k: v for k, v in self._ready.items() if k[0] == keep_epoch}
+            self._returned = {e: n for e, n in self._returned.items() if e == keep_epoch}
             self._send_control(["cancel", keep_epoch])
 
     def server_stats(self) -> dict:

@@ -294,3 +294,30 @@ def test_stopped_local_worker_is_killed_replaced_and_its_batches_redone(start_se
              20, "the stopped worker to be killed (its slots are reused)")
     stats = request_stats(server.endpoint)["workers"]
     assert stats["requeued_batches"] >= 1 and stats["respawns"] >= 1
+
+
+def test_wait_counts_an_epochs_tail_when_fewer_batches_than_loader_threads_remain(start_server, tmp_path,
+                                                                                    monkeypatch):
+    """Keras runs `workers` loader threads; at an epoch's end fewer have a batch left to fetch,
+    and training is starved as soon as all of those are blocked."""
+    (tmp_path / "slowpkg").mkdir()
+    (tmp_path / "slowpkg" / "__init__.py").write_text("")
+    (tmp_path / "slowpkg" / "augs.py").write_text(
+        "import time\n\ndef pause(x, y, rng):\n    time.sleep(0.05)\n    return x, y\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    write_id_dataset(tmp_path / "d", [16])
+    server = start_server("--data", str(tmp_path / "d"), "--label-column", "-1", "--batch-size", "8",
+                          "--augment", "slowpkg.augs:pause", workers=1)
+    with BatchStream(server.endpoint, timeout=30) as stream:
+        conn = stream._conn
+        conn.callers = 4  # as RemoteSequence sets it for Keras's four loader threads
+        threads = [threading.Thread(target=conn.get, args=(0, i)) for i in range(2)]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        elapsed = time.perf_counter() - started
+    # Both batches (8 samples x 50 ms each, one worker) take about 0.8 s; both threads were
+    # blocked nearly all that time, and only two of the four could be fetching at all.
+    assert 0.5 * elapsed < stream.stats()["wait_s"] <= elapsed
