@@ -1,4 +1,4 @@
-"""The `npyloader` command: serve, worker, stats, keygen, bench, demo-data.
+"""The `npyloader` command: serve, worker, stats, keygen, bench, soak, demo-data.
 
 Flags are parsed into the config dataclasses here and nowhere else; any mistake a user can
 make ends as one line on stderr naming the option or file, and exit status 2.
@@ -127,6 +127,17 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", metavar="FILE.md",
                        help="write the Markdown report here, with FILE.json and FILE.png beside it")
 
+    soak = sub.add_parser("soak", help="run a server, workers and clients while injecting faults at random; "
+                                       "check that no batch was lost or repeated")
+    soak.add_argument("--minutes", type=float, default=10.0,
+                      help="how long to inject faults (longer if needed to inject every kind once; default 10)")
+    soak.add_argument("--seed", type=int, default=0, help="seeds the faults, their targets and the clients' orders")
+    soak.add_argument("--workers", type=int, default=2, help="local workers of the server under test (default 2)")
+    soak.add_argument("--out", metavar="FILE.md", type=Path,
+                      help="write the Markdown report here, and FILE.json beside it")
+    soak.add_argument("--logs", metavar="DIR", type=Path,
+                      help="keep every process's log and the clients' records here (deleted otherwise)")
+
     demo = sub.add_parser("demo-data", help="write the bundled digits demo dataset (needs npyloader[demo])")
     demo.add_argument("dir", help="output folder (gets train/, val/ and loader.toml)")
     return parser
@@ -225,6 +236,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_soak(args: argparse.Namespace) -> int:
+    from loader_server import soak
+    from loader_server.soak_report import markdown
+
+    if args.minutes <= 0:
+        raise ConfigError(f"--minutes must be positive, got {args.minutes:g}")
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1 (the soak kills and stops local workers), got {args.workers}")
+    command = " ".join(["npyloader soak", f"--minutes {args.minutes:g}", f"--seed {args.seed}",
+                        *([f"--workers {args.workers}"] if args.workers != 2 else []),
+                        *([f"--out {args.out}"] if args.out else [])])
+    try:
+        report = soak.run(soak.SoakConfig(minutes=args.minutes, seed=args.seed, workers=args.workers), command,
+                          args.out, args.logs)
+    except soak.SoakError as e:
+        print(f"npyloader soak: error: {e}", file=sys.stderr)
+        return 1
+    print(markdown(report))
+    return 0 if report.ok else 1
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     from loader_server.remote import RemoteWorkerSpec, run_workers
 
@@ -253,7 +285,7 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"serve": _cmd_serve, "worker": _cmd_worker, "stats": _cmd_stats, "keygen": _cmd_keygen,
-            "bench": _cmd_bench, "demo-data": _cmd_demo_data}
+            "bench": _cmd_bench, "soak": _cmd_soak, "demo-data": _cmd_demo_data}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
