@@ -14,17 +14,32 @@ import re
 import shutil
 import tempfile
 
+import zmq
+
 log = logging.getLogger(__name__)
 
 PREFIX = "npyloader-"
 SOCKET_NAME = "workers"
+FALLBACK = "/tmp"
 _OWNED = re.compile(rf"^{PREFIX}(\d+)-[A-Za-z0-9_]+$")
 
 
 def make() -> str:
-    """A fresh folder for this server, after clearing those of dead servers."""
-    remove_stale(tempfile.gettempdir())
-    return tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-")
+    """A fresh folder for this server in $TMPDIR, after clearing those of dead servers there.
+
+    An ipc socket path is limited to about 107 bytes (sun_path), so a long $TMPDIR falls back
+    to /tmp rather than failing with ZeroMQ's bare 'path too long'."""
+    parent = tempfile.gettempdir()
+    if len(_socket_path(parent)) > zmq.IPC_PATH_MAX_LEN:
+        log.info("TMPDIR %s is too long for an ipc socket path; using %s for the workers' socket", parent, FALLBACK)
+        parent = FALLBACK
+    remove_stale(parent)
+    return tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=parent)
+
+
+def _socket_path(parent: str) -> str:
+    """What the socket's path will be, with mkdtemp's 8 random characters."""
+    return os.path.join(parent, f"{PREFIX}{os.getpid()}-{'x' * 8}", SOCKET_NAME)
 
 
 def remove_stale(parent: str) -> list[str]:

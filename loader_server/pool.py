@@ -12,7 +12,7 @@ import logging
 import multiprocessing as mp
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from multiprocessing.process import BaseProcess
 
@@ -21,6 +21,9 @@ from loader_server.worker import run_worker
 log = logging.getLogger(__name__)
 
 RESPAWN_BACKOFF_S = (0.0, 0.5, 1.0, 2.0, 5.0)
+# A worker that lived this long died of something new, not of what killed its predecessors:
+# its replacement starts at once again.
+HEALTHY_AFTER_S = 60.0
 
 
 @dataclass
@@ -28,6 +31,7 @@ class _Child:
     process: BaseProcess
     deaths: int = 0
     restart_at: float = 0.0
+    started: float = field(default_factory=time.monotonic)
 
 
 class LocalPool:
@@ -75,6 +79,8 @@ class LocalPool:
             code = child.process.exitcode
             log.warning("worker %d (pid %s) exited with code %s; restarting it", wid, child.process.pid, code)
             child.process.close()
+            if now - child.started >= HEALTHY_AFTER_S:
+                child.deaths = 0
             child.restart_at = now + RESPAWN_BACKOFF_S[min(child.deaths, len(RESPAWN_BACKOFF_S) - 1)]
             dead.append((wid, code))
         for wid, child in list(self._children.items()):

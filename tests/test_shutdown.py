@@ -119,6 +119,16 @@ def test_a_killed_servers_ipc_folder_is_removed_by_the_next_start(start_server, 
         assert sorted(i for batch in stream for i in ids(batch)) == list(range(n))
 
 
+def test_a_tmpdir_too_long_for_an_ipc_socket_falls_back_to_tmp(start_server, id_dataset, tmp_path):
+    folder, n = id_dataset
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    server = start_server("--data", str(folder), "--label-column", "-1", workers=1, env={"TMPDIR": str(deep)})
+    assert f"TMPDIR {deep} is too long for an ipc socket path; using /tmp" in server.log()
+    with BatchStream(server.endpoint, timeout=30) as stream:
+        assert sorted(i for batch in stream for i in ids(batch)) == list(range(n))
+
+
 def test_stale_folder_cleanup_touches_only_dead_servers_socket_folders(tmp_path):
     dead_pid = 2**22 + 12345  # above pid_max's default range: no such process
     stale = tmp_path / f"{ipc_dir.PREFIX}{dead_pid}-abc"
