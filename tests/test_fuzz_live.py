@@ -592,6 +592,62 @@ def test_stats_stay_readable_with_workers_on_long_host_names(live):
 
 
 # ---------------------------------------------------------------------------------------------
+# A remote peer posing as a local worker (found by reading the worker endpoint's handling while
+# writing the strategies above; they leave `local: True` out so as not to trip over it)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 7: the broker believes `local: True` from any peer "
+                   "on the worker endpoint (loader_server/broker.py, _worker_ready); see the issue's report")
+def test_a_remote_peer_posing_as_a_local_worker_neither_corrupts_batches_nor_kills_workers(start_server, id_dataset):
+    """A `ready` with `local: True, worker: 0` over tcp: the broker gives that peer shared-memory
+    slots, so its `done` makes clients receive slots nobody wrote (or, with `rows` over the batch
+    size, the next slot's bytes); and when it goes silent the broker SIGKILLs the real local
+    worker 0. A client must only ever get right batches or errors, and the worker must live."""
+    folder, n = id_dataset
+    assert n == NUM_SAMPLES
+    server = start_server("--data", str(folder / "*.npy"), "--label-column", "-1", "--batch-size", str(BATCH),
+                          "--worker-bind", "tcp://127.0.0.1:0", "--heartbeat", str(HEARTBEAT_S), workers=1)
+    [real_worker] = server.workers()
+    wait_for(lambda: request_stats(server.endpoint)["workers"]["ready"] == 1, 30, "the local worker")
+    wrong = []
+    with dealer(server.worker_endpoint) as fake, connection(server.endpoint, REPLY_TIMEOUT_S) as conn:
+        fake.send_multipart(protocol.encode("ready", {"pid": 1, "host": "impostor", "local": True, "worker": 0,
+                                                      "capacity": 64}))
+        wait_for(lambda: request_stats(server.endpoint)["workers"]["ready"] == 2, 10, "the impostor to register")
+        conn.request(0, list(range(NUM_BATCHES)))
+        answered, last_task = 0, time.monotonic()
+        # answer every task the impostor is given (some with too many rows) until none has come
+        # for a second; heartbeats keep coming meanwhile, and are answered
+        while time.monotonic() - last_task < 1.0:
+            if not fake.poll(100):
+                continue
+            msg = protocol.decode(fake.recv_multipart(), allowed=TO_WORKER)
+            if msg.type == "task":
+                last_task = time.monotonic()
+                rows = BATCH + 4 if answered % 2 else BATCH
+                fake.send_multipart(protocol.encode("done", {"task": msg["task"], "rows": rows, "busy_s": 0.0}))
+                answered += 1
+            elif msg.type == "heartbeat":
+                fake.send_multipart(protocol.encode("heartbeat"))
+        for index in range(NUM_BATCHES):
+            try:
+                x, y = conn.get(0, index)
+            except ServerError:
+                continue  # refusing the impostor's batch is fine; serving its bytes is not
+            try:
+                assert_batch_content(x, y, index)
+            except AssertionError:
+                wrong.append(index)
+    # the impostor is silent now: it is retired, and nothing else may be
+    wait_for(lambda: request_stats(server.endpoint)["workers"]["ready"] == 1, RETIRE_TIMEOUT_S, "the impostor's retirement")
+    respawns = request_stats(server.endpoint)["workers"]["respawns"]
+    assert (wrong, server.workers(), respawns) == ([], [real_worker], 0), (
+        f"batches {wrong} reached the client with wrong content; the real worker {real_worker} is now "
+        f"{server.workers()}, after {respawns} respawn(s)")
+
+
+# ---------------------------------------------------------------------------------------------
 # The client, fed hostile replies by a fake server
 
 CLIENT_TIMEOUT_S = 5.0
