@@ -13,6 +13,7 @@ here ever calls pickle (msgpack-numpy's decoder would, which is why it is not us
 
 from __future__ import annotations
 
+import math
 import reprlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -95,11 +96,19 @@ def _index_list(v: Any) -> bool:
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf
+
+
+MAX_TEXT = 16 * 1024
 
 
 def _text(v: Any) -> bool:
-    return isinstance(v, str) and len(v) <= 16 * 1024
+    return isinstance(v, str) and len(v) <= MAX_TEXT
+
+
+def clip(text: str, limit: int = MAX_TEXT) -> str:
+    """Text cut to fit a message field, saying it was cut."""
+    return text if len(text) <= limit else text[:limit - 40] + f" ... ({len(text) - limit + 40} chars cut)"
 
 
 def _any_map(v: Any) -> bool:

@@ -43,6 +43,7 @@ MAX_BATCH_CRASHES = 3
 RELAY_QUEUE = 16
 CLIENT_MESSAGES = frozenset({"hello", "request", "cancel", "ping", "stats", "bye"})
 WORKER_MESSAGES = frozenset({"join", "ready", "refused", "heartbeat", "done", "failed"})
+LOCAL, REMOTE = b"L", b"R"  # which worker socket a worker is on: the first byte of its key
 
 
 @dataclass
@@ -113,10 +114,11 @@ class Worker:
 class Broker:
     def __init__(self, datasets: dict[str, ServedDataset], clients_sock: zmq.Socket, workers_sock: zmq.Socket,
                  pool: LocalPool, setup: dict[str, Any] | None, heartbeat_s: float = 1.0,
-                 client_timeout_s: float = 60.0) -> None:
+                 client_timeout_s: float = 60.0, remote_sock: zmq.Socket | None = None) -> None:
         self.datasets = datasets
         self.csock = clients_sock
-        self.wsock = workers_sock
+        self.wsock = workers_sock  # local workers: ipc in a private folder
+        self.rsock = remote_sock   # remote workers: --worker-bind, CURVE when configured
         self.pool = pool
         # What a joining remote worker is told; None when the server takes no remote workers.
         self.setup = protocol.encode("setup", {**setup, "heartbeat_s": heartbeat_s}) if setup else None
@@ -174,13 +176,17 @@ class Broker:
         poller = zmq.Poller()
         poller.register(self.csock, zmq.POLLIN)
         poller.register(self.wsock, zmq.POLLIN)
+        if self.rsock is not None:
+            poller.register(self.rsock, zmq.POLLIN)
         return poller
 
     def _turn(self, poller: zmq.Poller, timeout_ms: int) -> bool:
         """One turn of the loop: receive, supervise, send. True if work waits for a slot."""
         events = dict(poller.poll(timeout_ms))
         if self.wsock in events:
-            self._receive_all(self.wsock, self._on_worker)
+            self._receive_all(self.wsock, lambda frames: self._on_worker(LOCAL, frames))
+        if self.rsock is not None and self.rsock in events:
+            self._receive_all(self.rsock, lambda frames: self._on_worker(REMOTE, frames))
         if self.csock in events:
             self._receive_all(self.csock, self._on_client)
         if not self._draining:  # a worker dying while draining is noticed by its silence instead
@@ -289,8 +295,10 @@ class Broker:
             self._error(identity, "unknown_client", "this server has no session for you; send hello first")
         return client
 
-    def _on_worker(self, frames: list[zmq.Frame]) -> None:
-        identity = frames[0].bytes
+    def _on_worker(self, via: bytes, frames: list[zmq.Frame]) -> None:
+        """`via` says which socket the message came on; it prefixes the worker's identity, so a
+        peer on the remote endpoint can never pass for a local worker, whatever it claims."""
+        identity = via + frames[0].bytes
         try:
             msg = protocol.decode(frames[1:], allowed=WORKER_MESSAGES)
         except Exception as e:  # a validator bug must cost one message, never the server
@@ -315,7 +323,10 @@ class Broker:
     def _worker_ready(self, identity: bytes, msg: protocol.Message) -> None:
         if identity in self.workers:
             return  # a repeated ready (joins queued while the server was away); its tasks stand
-        local = bool(msg.get("local", False))
+        local = identity[:1] == LOCAL  # where it connected decides, never what it says
+        if msg.get("local") and not local:
+            log.warning("a peer on the remote worker endpoint (pid %d on %s) claimed to be a local worker; "
+                        "it is served as a remote one", msg["pid"], msg["host"])
         worker = Worker(identity, msg["pid"], msg["host"], local, max(1, msg.get("capacity", 2)),
                         msg.get("worker") if local else None)
         self.workers[identity] = worker
@@ -401,6 +412,11 @@ class Broker:
         client = self.clients.get(task.client)
         if client is None or (task.epoch, task.index) not in client.wanted:
             self._release(task)
+            return
+        if rows > slots.layout.batch_size:  # never send bytes past the slot
+            self._release(task)
+            self._fail(task, f"a worker reported batch {task.index} with {rows} rows, over the batch size "
+                             f"{slots.layout.batch_size}")
             return
         header = protocol.encode_header("batch", {"epoch": task.epoch, "index": task.index}, slots.layout.specs(rows))
         frames = slots.layout.frames(slots.buf, task.slot, rows)
@@ -581,13 +597,15 @@ class Broker:
                 log.warning("could not reply to client %s: %s", identity.hex(), e)
 
     def _send_worker(self, identity: bytes, frames: list) -> None:
+        sock = self.wsock if identity[:1] == LOCAL else self.rsock
         try:
-            self.wsock.send_multipart([identity, *frames], flags=zmq.NOBLOCK)
+            sock.send_multipart([identity[1:], *frames], flags=zmq.NOBLOCK)
         except zmq.ZMQError as e:
             log.warning("could not reach worker %r: %s", identity, e)
 
     def _error(self, identity: bytes, code: str, message: str, **where: int) -> None:
-        self._send_client(identity, protocol.encode("error", {"code": code, "message": message, **where}))
+        self._send_client(identity, protocol.encode("error", {"code": code, "message": protocol.clip(message),
+                                                              **where}))
 
     # -- stats -----------------------------------------------------------------------------
 

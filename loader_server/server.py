@@ -98,7 +98,7 @@ class Server:
         self._datasets: dict[str, ServedDataset] = {}
         self._pool: LocalPool | None = None
         self._auth = None
-        self._csock = self._wsock = None
+        self._csock = self._wsock = self._rsock = None
         self._exporter = None
         self._started = time.monotonic()
         try:
@@ -134,12 +134,15 @@ class Server:
 
         largest_batch = max(sum(d.batch_size * int(np.prod(s)) * np.dtype(t).itemsize for _, t, s in specs[n])
                             for n, d in cfg.datasets.items())
-        self._wsock = self._socket(largest_batch + protocol.MAX_REQUEST_BYTES)
+        # Local workers reach their own socket through a folder only this user can enter (no
+        # CURVE needed there); remote workers get another, so none can pass for a local one.
+        self._wsock = self._socket(largest_batch + protocol.MAX_REQUEST_BYTES, encrypted=False)
         worker_endpoint = _bind(self._wsock, f"ipc://{self._ipc_dir}/{ipc_dir.SOCKET_NAME}", "worker endpoint")
         self.worker_endpoint = setup = None
         if cfg.worker_bind:
             setup = remote.describe(cfg.datasets, indexes, specs)
-            self.worker_endpoint = _bind(self._wsock, cfg.worker_bind, "--worker-bind", cfg.curve is not None)
+            self._rsock = self._socket(largest_batch + protocol.MAX_REQUEST_BYTES)
+            self.worker_endpoint = _bind(self._rsock, cfg.worker_bind, "--worker-bind", cfg.curve is not None)
             log.info("remote workers may join at %s; data root %s (a worker keeping the data elsewhere "
                      "passes that folder as --data-root)", self.worker_endpoint, setup["root"])
 
@@ -147,19 +150,19 @@ class Server:
         self._pool = LocalPool(
             lambda wid: WorkerSpec(wid, worker_endpoint, worker_datasets, parent, cfg.heartbeat_s), cfg.workers)
         self.broker = Broker(self._datasets, self._csock, self._wsock, self._pool, setup, cfg.heartbeat_s,
-                             cfg.client_timeout_s)
+                             cfg.client_timeout_s, self._rsock)
         self.broker.startup_s = time.monotonic() - self._started
         if cfg.metrics_port is not None:
             self.broker.publish_s = PUBLISH_S
             collector = SnapshotCollector(lambda: self.broker.published, server_families)
             self._exporter = start_exporter(cfg.metrics_port, cfg.metrics_host, collector, "server")
 
-    def _socket(self, max_message: int) -> zmq.Socket:
+    def _socket(self, max_message: int, encrypted: bool = True) -> zmq.Socket:
         """A ROUTER with a bound on inbound messages, encrypted when CURVE is configured."""
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_message)
-        if self.cfg.curve is not None:
+        if encrypted and self.cfg.curve is not None:
             self.cfg.curve.apply(sock)
         return sock
 
@@ -192,8 +195,9 @@ class Server:
         if self._csock is not None:
             # Let ZeroMQ finish sending what the drain delivered, unless told to stop at once.
             self._csock.close(0 if self._abort.is_set() or not self.cfg.drain_s else CLOSE_LINGER_MS)
-        if self._wsock is not None:
-            self._wsock.close(0)
+        for sock in (self._wsock, self._rsock):
+            if sock is not None:
+                sock.close(0)
         if self._auth is not None:
             self._auth.stop()
         self._ctx.term()

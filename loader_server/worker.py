@@ -155,7 +155,7 @@ class TaskRunner:
             log.error("batch %d of epoch %d of '%s' failed: %s", msg["index"], msg["epoch"], msg["dataset"], e)
             if self._counters is not None:
                 self._counters.add(failed=1)
-            return protocol.encode("failed", {"task": msg["task"], "message": str(e)})
+            return protocol.encode("failed", {"task": msg["task"], "message": protocol.clip(str(e))})
         fields = {"task": msg["task"], "rows": rows, "busy_s": time.perf_counter() - started,
                   "read_s": builder.read_s, "augment_s": builder.augment_s}
         if self._counters is not None:

@@ -323,9 +323,8 @@ assert set(VALID_TO_CLIENTS_ENDPOINT) == CLIENT_MESSAGES
 
 VALID_TO_WORKERS_ENDPOINT = {
     "join": st.fixed_dictionaries({"pid": nonneg, "host": texts}),
-    # `local: True` is left out on purpose: see test_a_remote_peer_posing_as_a_local_worker_...
     "ready": st.fixed_dictionaries({"pid": nonneg, "host": texts},
-                                   optional={"worker": nonneg, "capacity": nonneg, "local": st.just(False)}),
+                                   optional={"worker": nonneg, "capacity": nonneg, "local": st.booleans()}),
     "refused": st.fixed_dictionaries({"message": texts}),
     "heartbeat": st.just({}),
     "done": st.fixed_dictionaries({"task": nonneg, "rows": nonneg, "busy_s": seconds}),
@@ -593,17 +592,17 @@ def test_stats_stay_readable_with_workers_on_long_host_names(live):
 
 # ---------------------------------------------------------------------------------------------
 # A remote peer posing as a local worker (found by reading the worker endpoint's handling while
-# writing the strategies above; they leave `local: True` out so as not to trip over it)
+# writing the strategies above). Remote workers now have a socket of their own, and which socket a
+# worker came on decides whether it is local.
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 7: the broker believes `local: True` from any peer "
-                   "on the worker endpoint (loader_server/broker.py, _worker_ready); see the issue's report")
 def test_a_remote_peer_posing_as_a_local_worker_neither_corrupts_batches_nor_kills_workers(start_server, id_dataset):
-    """A `ready` with `local: True, worker: 0` over tcp: the broker gives that peer shared-memory
-    slots, so its `done` makes clients receive slots nobody wrote (or, with `rows` over the batch
-    size, the next slot's bytes); and when it goes silent the broker SIGKILLs the real local
-    worker 0. A client must only ever get right batches or errors, and the worker must live."""
+    """A `ready` with `local: True, worker: 0` over tcp must be served as a remote worker. Taken
+    at its word, it was given shared-memory slots, so its `done` made clients receive slots nobody
+    wrote (or, with `rows` over the batch size, the next slot's bytes), and its silence made the
+    broker SIGKILL the real local worker 0. A client must only ever get right batches or errors,
+    and the worker must live."""
     folder, n = id_dataset
     assert n == NUM_SAMPLES
     server = start_server("--data", str(folder / "*.npy"), "--label-column", "-1", "--batch-size", str(BATCH),

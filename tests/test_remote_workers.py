@@ -200,6 +200,22 @@ def test_curve_admits_listed_peers_and_refuses_strangers(start_server, start_wor
     wait_for(lambda: "refused a peer with CURVE key" in server.log(), 10, "the refusal to be logged")
 
 
+def test_a_curve_server_runs_local_workers_too(start_server, tmp_path, id_dataset):
+    """CURVE guards the tcp endpoints; local workers use their own ipc socket in a folder only
+    this user can enter, so they need no keys."""
+    folder, n = id_dataset
+    public = keys(tmp_path, "server", "trainer")
+    authorized = tmp_path / "authorized"
+    authorized.mkdir()
+    shutil.copy(public["trainer"], authorized)
+    server = start_server("--data", str(folder), "--label-column", "-1", "--batch-size", "16",
+                          "--curve-secret-key", f"{public['server']}_secret", "--authorized-keys", str(authorized),
+                          *WORKER_BIND, workers=2)
+    trainer = ClientCurve.from_files(f"{public['trainer']}_secret", public["server"])
+    wait_for(lambda: request_stats(server.endpoint, curve=trainer)["workers"]["ready"] == 2, 30, "two local workers")
+    assert sorted(ids_of(copy_epoch(server.endpoint, curve=trainer))) == list(range(n))
+
+
 def test_remote_only_server_stops_cleanly_and_leaves_no_ipc_folder(start_server, id_dataset):
     folder, _ = id_dataset
     before = set(Path("/tmp").glob("npyloader-*"))
