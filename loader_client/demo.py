@@ -2,7 +2,8 @@
 
 Writes the bundled digits dataset (if missing), starts `npyloader serve` on it with two
 worker processes, trains a small CNN with `model.fit(RemoteSequence(...))`, and reports what
-happened: validation accuracy, how long training waited on data, what the server did.
+happened: validation accuracy, how long training waited on data (per epoch, through
+DataWaitMonitor), what the server did.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ def run(workdir: Path, epochs: int, workers: int) -> dict:
 def train(url: str, epochs: int) -> dict:
     import keras
 
-    from loader_client import RemoteSequence, request_stats
+    from loader_client import DataWaitMonitor, RemoteSequence, request_stats
 
     keras.utils.set_random_seed(0)
     with RemoteSequence(url, dataset="train") as train_seq, RemoteSequence(url, dataset="val") as val_seq:
@@ -93,7 +94,10 @@ def train(url: str, epochs: int) -> dict:
                  len(train_seq), len(val_seq))
         model = build_model()
         started = time.perf_counter()
-        history = model.fit(train_seq, validation_data=val_seq, epochs=epochs, verbose=2)
+        # DataWaitMonitor puts each epoch's data_wait_fraction and data_bytes_per_s in the logs
+        # Keras prints, and warns, naming the likely cause, when training waits a lot.
+        history = model.fit(train_seq, validation_data=val_seq, epochs=epochs, verbose=2,
+                            callbacks=[DataWaitMonitor(train_seq)])
         elapsed = time.perf_counter() - started
         stats = train_seq.stats()
         server = request_stats(url)
