@@ -27,12 +27,12 @@ def _npyloader(*args: str) -> list[str]:
     return [sys.executable, "-m", "loader_server.cli", *args]
 
 
-def start_server(config: Path, workers: int, log_path: Path, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """Start `npyloader serve` and wait (with a deadline) for the line saying where it listens."""
+def start_server(serve_args: list[str], log_path: Path, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """Start `npyloader serve ARGS` on a free loopback port and wait (with a deadline) for the
+    line saying where it listens."""
     with open(log_path, "w") as out:
-        proc = subprocess.Popen(
-            _npyloader("serve", "--config", str(config), "--workers", str(workers), "--bind", "tcp://127.0.0.1:0"),
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(_npyloader("serve", *serve_args, "--bind", "tcp://127.0.0.1:0"),
+                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         match = READY.search(log_path.read_text())
@@ -70,7 +70,7 @@ def run(workdir: Path, epochs: int, workers: int) -> dict:
         log.info("writing the digits demo dataset to %s", workdir)
         write_demo_data(workdir)
     log.info("starting npyloader serve with %d workers", workers)
-    proc, url = start_server(config, workers, workdir / "server.log")
+    proc, url = start_server(["--config", str(config), "--workers", str(workers)], workdir / "server.log")
     try:
         log.info("server ready at %s (log: %s)", url, workdir / "server.log")
         return train(url, epochs)

@@ -44,7 +44,7 @@ from loader_client.stream import Connection, DatasetInfo, ServerError, request_s
 from loader_server.broker import CLIENT_MESSAGES, WORKER_MESSAGES
 from tests.conftest import (READY, WORKER_ENDPOINT, ServerProcess, serve_command, wait_for,
                             write_id_dataset)
-from tests.test_wire_safety import pickle_bomb
+from tests.test_wire_safety import dealer, pickle_bomb
 
 NUM_SAMPLES = 203
 BATCH = 16
@@ -183,17 +183,6 @@ def assert_batch_content(x: np.ndarray, y: np.ndarray, index: int) -> None:
     assert len(set(ids.tolist())) == rows and ids.min() >= 0 and ids.max() < NUM_SAMPLES, ids
     expected = (ids[:, None] * 1000 + np.arange(FEATURES)[None, :]) % 9973
     np.testing.assert_array_equal(x, expected.astype(x.dtype))
-
-
-@contextmanager
-def dealer(endpoint: str) -> Iterator[zmq.Socket]:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(endpoint)
-        yield sock
-    finally:
-        sock.close(0)
 
 
 def receive(sock: zmq.Socket, server: ServerProcess, allowed: frozenset[str],

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -75,13 +77,19 @@ def test_sigterm_delivers_batches_in_progress_then_restarts_on_the_same_port_at_
     assert sorted(got) == list(range(n)), "nothing lost, nothing repeated across the restart"
 
 
-def test_a_second_signal_cuts_the_drain_short(start_server, id_dataset, slow_op):
-    folder, _ = id_dataset
+@contextmanager
+def batches_in_progress(start_server, folder: Path, slow_op: str, drain_timeout: str) -> Iterator:
+    """A server whose one worker is building slow batches a client asked for."""
     server = start_server("--data", str(folder), "--label-column", "-1", "--batch-size", "8",
-                          "--augment", f"{slow_op}:seconds=1", "--drain-timeout", "120", workers=1)
+                          "--augment", f"{slow_op}:seconds=1", "--drain-timeout", drain_timeout, workers=1)
     with BatchStream(server.endpoint, timeout=60, prefetch=4) as stream:
         stream._conn.request(0, [0, 1, 2, 3])
         wait_for(lambda: in_progress(server.endpoint) >= 1, 20, "a batch in progress")
+        yield server
+
+
+def test_a_second_signal_cuts_the_drain_short(start_server, id_dataset, slow_op):
+    with batches_in_progress(start_server, id_dataset[0], slow_op, drain_timeout="120") as server:
         server.proc.send_signal(signal.SIGTERM)
         wait_for(lambda: "draining: delivering" in server.log(), 10, "the drain to start")
         started = time.monotonic()
@@ -90,12 +98,7 @@ def test_a_second_signal_cuts_the_drain_short(start_server, id_dataset, slow_op)
 
 
 def test_drain_timeout_zero_stops_without_waiting(start_server, id_dataset, slow_op):
-    folder, _ = id_dataset
-    server = start_server("--data", str(folder), "--label-column", "-1", "--batch-size", "8",
-                          "--augment", f"{slow_op}:seconds=1", "--drain-timeout", "0", workers=1)
-    with BatchStream(server.endpoint, timeout=60, prefetch=4) as stream:
-        stream._conn.request(0, [0, 1, 2, 3])
-        wait_for(lambda: in_progress(server.endpoint) >= 1, 20, "a batch in progress")
+    with batches_in_progress(start_server, id_dataset[0], slow_op, drain_timeout="0") as server:
         assert server.stop(signal.SIGTERM, timeout=20) == 0
     assert "left undelivered" in server.log()
 

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-READY = re.compile(r"serving .* at (tcp://\S+)")
+from loader_client.demo import start_server
+
 SIDE = 64
 
 
@@ -34,24 +32,6 @@ def write_data(folder: Path, samples: int) -> None:
         rows = rng.random((64, SIDE * SIDE + 1), dtype=np.float32)
         rows[:, -1] = rng.integers(0, 10, 64)
         np.save(folder / f"part-{i:04d}.npy", rows)
-
-
-def start_server(folder: Path, workers: int, log_path: Path) -> tuple[subprocess.Popen, str]:
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "loader_server.cli", "serve", "--data", str(folder), "--label-column", "-1",
-         "--x-shape", f"{SIDE},{SIDE},1", "--batch-size", "64", "--augment", "rotate:degrees=15,p=0.5",
-         "--workers", str(workers), "--bind", "tcp://127.0.0.1:0"], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        found = READY.search(log_path.read_text())
-        if found:
-            return proc, found.group(1)
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited:\n{log_path.read_text()}")
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("the server did not get ready in 120 s")
 
 
 def small_cnn():
@@ -87,7 +67,9 @@ def main() -> int:
         write_data(folder, args.samples)
         rows = []
         for workers in args.workers:
-            proc, url = start_server(folder, workers, Path(tmp) / f"server-{workers}.log")
+            proc, url = start_server(
+                ["--data", str(folder), "--label-column", "-1", "--x-shape", f"{SIDE},{SIDE},1", "--batch-size", "64",
+                 "--augment", "rotate:degrees=15,p=0.5", "--workers", str(workers)], Path(tmp) / f"server-{workers}.log")
             try:
                 fractions = measure(url, args.epochs)
             finally:
