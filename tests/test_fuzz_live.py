@@ -37,14 +37,13 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from zmq.utils.monitor import recv_monitor_message
 
 from loader_client import protocol
 from loader_client.stream import Connection, DatasetInfo, ServerError, request_stats
 from loader_server.broker import CLIENT_MESSAGES, WORKER_MESSAGES
 from tests.conftest import (READY, WORKER_ENDPOINT, ServerProcess, serve_command, wait_for,
                             write_id_dataset)
-from tests.test_wire_safety import dealer, pickle_bomb
+from tests.test_wire_safety import dealer, monitored_dealer, pickle_bomb
 
 NUM_SAMPLES = 203
 BATCH = 16
@@ -250,25 +249,11 @@ def send_as_worker(sock: zmq.Socket, live: Live, case: list[Frames]) -> None:
 
 def send_oversized(endpoint: str, server: ServerProcess, frames: Frames) -> None:
     """A message over the endpoint's MAXMSGSIZE: ZeroMQ drops that connection, nothing else."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    # attached before connecting, so the first CONNECTED event cannot be missed
-    monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-    monitor.setsockopt(zmq.LINGER, 0)
-    try:
-        def next_event() -> int:
-            assert monitor.poll(int(REPLY_TIMEOUT_S * 1000)), "no connection event from zmq"
-            return recv_monitor_message(monitor)["event"]
-
-        sock.connect(endpoint)
+    with monitored_dealer(endpoint) as (sock, next_event):
         assert next_event() == zmq.EVENT_CONNECTED
         sock.send_multipart(frames)
         assert next_event() == zmq.EVENT_DISCONNECTED
         assert server.proc.poll() is None, server.log()[-3000:]
-    finally:
-        sock.disable_monitor()
-        monitor.close(0)
-        sock.close(0)
 
 
 # ---------------------------------------------------------------------------------------------

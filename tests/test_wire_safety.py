@@ -7,7 +7,7 @@ the connection), never unpickles anything, and keeps serving complete epochs to 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -224,22 +224,33 @@ def test_well_formed_but_wrong_requests(server):
 # Oversized frames
 
 
-def test_oversized_frame_drops_only_that_connection(server):
-    assert protocol.MAX_REQUEST_BYTES == 1 << 20
-    big = b"\x00" * (2 << 20)
+@contextmanager
+def monitored_dealer(endpoint: str) -> Iterator[tuple[zmq.Socket, Callable[[], int]]]:
+    """A DEALER connected to `endpoint`, and a function returning its next connection event. The
+    monitor is attached before connecting, so the first CONNECTED event cannot be missed."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    # the monitor is attached before connecting, so the first CONNECTED event cannot be missed
     monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
     monitor.setsockopt(zmq.LINGER, 0)
-    try:
-        def next_event() -> int:
-            assert monitor.poll(int(REPLY_TIMEOUT_S * 1000)), "no connection event from zmq"
-            return recv_monitor_message(monitor)["event"]
 
-        sock.connect(server.endpoint)
+    def next_event() -> int:
+        assert monitor.poll(int(REPLY_TIMEOUT_S * 1000)), "no connection event from zmq"
+        return recv_monitor_message(monitor)["event"]
+
+    try:
+        sock.connect(endpoint)
+        yield sock, next_event
+    finally:
+        sock.disable_monitor()
+        monitor.close(0)
+        sock.close(0)
+
+
+def test_oversized_frame_drops_only_that_connection(server):
+    assert protocol.MAX_REQUEST_BYTES == 1 << 20
+    with monitored_dealer(server.endpoint) as (sock, next_event):
         assert next_event() == zmq.EVENT_CONNECTED
-        sock.send_multipart([big])
+        sock.send_multipart([b"\x00" * (2 << 20)])
         assert next_event() == zmq.EVENT_DISCONNECTED
         assert server.proc.poll() is None, server.log()[-3000:]
         # the server is unharmed: another client reads a whole epoch
@@ -249,7 +260,3 @@ def test_oversized_frame_drops_only_that_connection(server):
         sock.send_multipart(protocol.encode("stats"))
         msg = reply(sock, server)
         assert msg.type == "stats_reply"
-    finally:
-        sock.disable_monitor()
-        monitor.close(0)
-        sock.close(0)
