@@ -345,7 +345,6 @@ class Broker:
             else:
                 self._deliver(task, msg["rows"])
             return
-        self._release(task)
         self._fail(task, msg["message"])
 
     # -- dispatching and delivering ----------------------------------------------------------
@@ -414,7 +413,6 @@ class Broker:
             self._release(task)
             return
         if rows > slots.layout.batch_size:  # never send bytes past the slot
-            self._release(task)
             self._fail(task, f"a worker reported batch {task.index} with {rows} rows, over the batch size "
                              f"{slots.layout.batch_size}")
             return
@@ -441,7 +439,6 @@ class Broker:
         if got != expected or rows > task.dataset.plan.batch_size:
             problem = f"a worker sent batch {task.index} as {got}, but this dataset's batches are {expected}"
             log.error("%s (does that worker run another npyloader version or augment code?)", problem)
-            self._release(task)
             self._fail(task, problem)
             return
         header = protocol.encode_header("batch", {"epoch": task.epoch, "index": task.index}, expected)
@@ -545,16 +542,17 @@ class Broker:
         MAX_BATCH_CRASHES workers, it is failed instead of killing workers forever."""
         building = min(worker.tasks, default=None)
         for task in sorted(worker.tasks.values(), key=lambda t: -t.id):
-            self._release(task)
             client = self.clients.get(task.client)
             key = (task.epoch, task.index)
             if client is None or key not in client.wanted:
+                self._release(task)
                 continue
             if task.id == building:
                 client.crashes[key] += 1
                 if client.crashes[key] >= MAX_BATCH_CRASHES:
                     self._give_up(task, client, f"worker {worker.name} {why}")
                     continue
+            self._release(task)
             client.pending.appendleft(key)
             self._mark_runnable(task.client)
             self.requeued += 1
@@ -573,6 +571,8 @@ class Broker:
         self._fail(task, problem)
 
     def _fail(self, task: Task, problem: str) -> None:
+        """The batch will not be sent: free what it holds and tell its client why."""
+        self._release(task)
         self.failed += 1
         self._finish(task)
         self._error(task.client, "batch_failed", problem, epoch=task.epoch, index=task.index)
