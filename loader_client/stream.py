@@ -137,7 +137,7 @@ class Connection:
             finally:
                 self._blocked -= 1
                 self._returned[epoch] = self._returned.get(epoch, 0) + 1
-                if len(self._returned) > KEPT_EPOCHS:  # a long BatchStream run: forget old epochs
+                if len(self._returned) > KEPT_EPOCHS:  # only recent epochs can still be fetched
                     del self._returned[min(self._returned)]
                 self._account_wait(epoch)
             if key in self._ready:
@@ -172,7 +172,6 @@ class Connection:
             self._outstanding = {k for k in self._outstanding if k[0] == keep_epoch}
             self._outbox = [k for k in self._outbox if k[0] == keep_epoch]
             self._ready = {k: v for k, v in self._ready.items() if k[0] == keep_epoch}
-            self._returned = {e: n for e, n in self._returned.items() if e == keep_epoch}
             self._send_control(["cancel", keep_epoch])
 
     def server_stats(self) -> dict:

@@ -128,7 +128,7 @@ def view(endpoint: str, s: Stats) -> list[str]:
     lines += ["", *table(
         ["DATASET", "SAMPLES", "BATCHES", "BATCH", "CLIENTS", "QUEUED"],
         [[name, d["samples"], d["batches"], d["batch_size"], len(clients_of.get(name, [])),
-          d.get("queued", sum(c["pending"] for c in clients_of.get(name, [])))] for name, d in s["datasets"].items()])]
+          d["queued"]] for name, d in s["datasets"].items()])]
     lines += ["", *table(
         ["CLIENT", "DATASET", "BATCHES", "MB", "MB/S", "WAIT", "WAIT TOTAL"],
         [[c["id"][:8], c["dataset"], c["batches"], f"{c['bytes'] / 1e6:.1f}", f"{c['recent_bytes_per_s'] / 1e6:.1f}",

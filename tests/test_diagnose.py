@@ -3,9 +3,6 @@ No Keras needed, like `import loader_client` itself."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 from loader_client.diagnose import AUGMENTATION, NETWORK, TOO_FEW_WORKERS, diagnose
 
 
@@ -52,11 +49,3 @@ def test_business_over_the_interval_wins_over_business_since_start():
 def test_a_server_without_per_dataset_worker_figures_still_gets_a_cause():
     s = {"workers": {"list": [{"busy_pct": 99.0}]}, "datasets": {"train": {"samples": 10}}}
     assert diagnose(0.5, s, 1e6, "train").cause == TOO_FEW_WORKERS
-
-
-def test_import_loader_client_still_imports_no_keras():
-    code = ("import sys, loader_client, loader_client.diagnose, loader_client.rates, loader_server.watch;"
-            "assert 'DataWaitMonitor' in loader_client.__all__;"
-            "bad = [m for m in ('tensorflow', 'keras') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr

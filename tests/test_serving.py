@@ -269,7 +269,9 @@ def test_signal_stops_server_and_workers_within_seconds(start_server, id_dataset
 
 def test_client_and_server_import_no_tensorflow():
     code = ("import sys, loader_client, loader_server.server, loader_server.cli, loader_server.worker;"
+            "import loader_client.diagnose, loader_client.rates, loader_server.watch;"
             "from loader_client import BatchStream;"
+            "assert 'DataWaitMonitor' in loader_client.__all__;"
             "bad = [m for m in ('tensorflow', 'keras') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
