@@ -120,6 +120,7 @@ def streaming(start_server, id_dataset) -> Iterator[tuple[str, str]]:
         except BaseException as e:  # noqa: BLE001 - reported by the test below
             errors.append(e)
 
+    wait_for(lambda: request_stats(server.endpoint)["workers"]["ready"] == 2, 30, "both workers ready")
     client = threading.Thread(target=read, daemon=True)
     client.start()
     try:
