@@ -16,7 +16,7 @@ $(INSTALLED): pyproject.toml
 	@touch $@
 
 demo: $(INSTALLED)
-	$(PY) -m loader_client.demo
+	$(PY) -m loader_server.tools.demo
 
 # `make test` first brings up the private Docker engine (tools/local-docker.sh up: root, apt) so
 # that tests/test_docker.py runs; where it cannot, it prints why and runs everything else (those

@@ -15,9 +15,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from loader_client.security import ClientCurve, CurveKeyError
-
 from loader_server.config import (
-    DEFAULT_BIND, LAYOUTS, ConfigError, DatasetConfig, ServeConfig, default_workers, load_toml, parse_shape,
+    DEFAULT_BIND,
+    LAYOUTS,
+    ConfigError,
+    DatasetConfig,
+    ServeConfig,
+    default_workers,
+    load_toml,
+    parse_shape,
 )
 
 log = logging.getLogger("npyloader")
@@ -71,7 +77,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from loader_server.augment import describe_ops
+    from loader_server.data.augment import describe_ops
 
     serve = sub.add_parser("serve", help="serve datasets to RemoteSequence / BatchStream clients",
                            epilog=describe_ops(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,7 +176,7 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
         from loader_server.security import ServerCurve
 
         curve = ServerCurve.from_files(args.curve_secret_key, args.authorized_keys)
-    from loader_server.index_cache import default_dir
+    from loader_server.data.index_cache import default_dir
 
     index_cache = None if args.no_index_cache else (args.index_cache or default_dir())
     return ServeConfig(datasets=datasets, bind=bind, workers=workers, worker_bind=worker_bind,
@@ -181,7 +187,7 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from loader_server.server import serve
+    from loader_server.serve.server import serve
 
     serve(_serve_config(args))
     return 0
@@ -192,7 +198,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
     curve = _client_curve(args)
     if args.watch:
-        from loader_server import watch
+        from loader_server.tools import watch
 
         if args.interval <= 0:
             raise ConfigError(f"--interval must be positive, got {args.interval:g}")
@@ -230,15 +236,15 @@ def format_stats(endpoint: str, s: dict) -> str:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from loader_server import bench
+    from loader_server.tools.bench import run as bench
 
     print(bench.main(args.workload or ["io", "aug"], args.workers, args.repeats, args.quick, args.out))
     return 0
 
 
 def _cmd_soak(args: argparse.Namespace) -> int:
-    from loader_server import soak
-    from loader_server.soak_report import markdown
+    from loader_server.tools.soak import run as soak
+    from loader_server.tools.soak.report import markdown
 
     if args.minutes <= 0:
         raise ConfigError(f"--minutes must be positive, got {args.minutes:g}")
@@ -258,7 +264,7 @@ def _cmd_soak(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from loader_server.remote import RemoteWorkerSpec, run_workers
+    from loader_server.worker.remote import RemoteWorkerSpec, run_workers
 
     if args.processes < 1:
         raise ConfigError(f"--processes must be at least 1, got {args.processes}")
@@ -277,7 +283,7 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
-    from loader_server.demo_data import write_demo_data
+    from loader_server.tools.demo_data import write_demo_data
 
     summary = write_demo_data(args.dir)
     log.info("demo data written: %s", summary)
@@ -292,8 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
-    from loader_server.augment import AugmentError
-    from loader_server.dataset import DatasetError
+    from loader_server.data.augment import AugmentError
+    from loader_server.data.index import DatasetError
 
     try:
         return COMMANDS[args.command](args)

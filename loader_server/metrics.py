@@ -78,7 +78,11 @@ class DatasetCounters:
 def server_families(s: dict[str, Any]) -> Iterator[Any]:
     """Metric families of a server, from one stats snapshot. Names follow Prometheus
     conventions: base units, `_total` for counters, labels for dataset, client and worker."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
 
     def family(kind: Callable[..., Any], name: str, doc: str, labels: Iterable[str],
                rows: Iterable[tuple[list[str], float]]) -> Any:
@@ -218,7 +222,11 @@ def worker_families(s: dict[str, Any]) -> Iterator[Any]:
     """Metric families of one `npyloader worker` host: what its processes built for the server.
     Prefixed npyloader_remote_ so that sums over a server's own npyloader_worker_* series
     (which count remote workers' batches too) are not doubled."""
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        InfoMetricFamily,
+    )
 
     def one(kind: Callable[..., Any], name: str, doc: str, value: float) -> Any:
         metric = kind(name, doc, labels=[])

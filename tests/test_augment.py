@@ -1,4 +1,4 @@
-"""Tests for loader_server.augment: determinism, each op's effect, targets, specs and errors."""
+"""Tests for loader_server.data.augment: determinism, each op's effect, targets, specs and errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from loader_server.augment import (
+from loader_server.data.augment import (
     AugmentError,
     OpSpec,
     build_pipeline,

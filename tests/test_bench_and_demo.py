@@ -33,7 +33,7 @@ def test_bench_quick_writes_the_report_json_and_plot_for_every_loader(tmp_path):
 
 @pytest.mark.slow
 def test_demo_trains_the_digits_model_well_above_chance(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "loader_client.demo", "--dir", str(tmp_path / "demo"),
+    result = subprocess.run([sys.executable, "-m", "loader_server.tools.demo", "--dir", str(tmp_path / "demo"),
                              "--epochs", "4"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     accuracy = float(re.search(r"validation accuracy (\d\.\d+)", result.stderr).group(1))

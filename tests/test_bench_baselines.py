@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from loader_server import bench_ceilings
-from loader_server.bench import Workload, write_files
-from loader_server.bench_baselines import ALL, Baseline, BaselineUnavailable
+from loader_server.tools.bench import ceilings as bench_ceilings
+from loader_server.tools.bench.baselines import ALL, Baseline, BaselineUnavailable
+from loader_server.tools.bench.workload import Workload, write_files
 from tests.conftest import children_but_resource_tracker
 
 AUG = Workload("aug", 16, 256, ("rotate:degrees=15,p=0.5,order=3",))

@@ -1,4 +1,4 @@
-"""Tests for loader_server.dataset: real files in tmp_path, read back and compared with np.load."""
+"""Tests for loader_server.data.index: real files in tmp_path, read back and compared with np.load."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 
 from loader_server.config import ConfigError, DatasetConfig
-from loader_server.dataset import (
+from loader_server.data.index import (
     DEFAULT_MAX_OPEN,
     DatasetError,
     DatasetIndex,
-    SampleReader,
     SampleSpec,
     build_index,
     read_source,
 )
+from loader_server.data.reader import SampleReader
 
 
 def config(*data: Path | str, **options: object) -> DatasetConfig:
@@ -374,7 +374,7 @@ def test_npz_compressed_members_are_loaded_with_one_warning(
     np.savez_compressed(path, only=x)
     index = build_index(config(path))
     assert index.x_sources[0].compressed and index.x_sources[0].member == "only"
-    with caplog.at_level(logging.WARNING, logger="loader_server.dataset"):
+    with caplog.at_level(logging.WARNING, logger="loader_server.data.index"):
         samples = read_all(index)
     for i, (rx, _) in enumerate(samples):
         np.testing.assert_array_equal(rx, x[i])

@@ -1,4 +1,4 @@
-"""Tests for loader_server.demo_data: the digits demo writes real files that npyloader can serve."""
+"""Tests for loader_server.tools.demo_data: the digits demo writes real files that npyloader can serve."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from loader_server.config import load_toml
-from loader_server.dataset import SampleReader, build_index
-from loader_server.demo_data import write_demo_data
+from loader_server.data.index import build_index
+from loader_server.data.reader import SampleReader
+from loader_server.tools.demo_data import write_demo_data
 
 DIGITS = 1797
 TRAIN = int(DIGITS * 0.8)
@@ -64,7 +65,7 @@ def test_same_seed_same_files_and_stale_parts_removed(tmp_path: Path, demo: tupl
 
 def test_logs_one_line_per_split(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                  capsys: pytest.CaptureFixture[str]) -> None:
-    with caplog.at_level(logging.INFO, logger="loader_server.demo_data"):
+    with caplog.at_level(logging.INFO, logger="loader_server.tools.demo_data"):
         write_demo_data(tmp_path, files_per_split=1)
     messages = [r.getMessage() for r in caplog.records]
     assert any("train" in m and str(TRAIN) in m for m in messages)

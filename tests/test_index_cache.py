@@ -8,8 +8,8 @@ import os
 import numpy as np
 
 from loader_server.config import DatasetConfig
-from loader_server.dataset import build_index
-from loader_server.index_cache import load_or_build
+from loader_server.data.index import build_index
+from loader_server.data.index_cache import load_or_build
 from tests.conftest import write_id_dataset
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from loader_server import pool
-from loader_server.pool import LocalPool
+from loader_server.serve import pool
+from loader_server.serve.pool import LocalPool
 from tests.conftest import wait_for
 
 

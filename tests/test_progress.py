@@ -9,7 +9,7 @@ import pytest
 
 from loader_server import progress
 from loader_server.config import DatasetConfig
-from loader_server.dataset import build_index
+from loader_server.data.index import build_index
 from loader_server.progress import Progress
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from loader_server.sampler import Plan, epoch_order
+from loader_server.data.sampler import Plan, epoch_order
 
 
 def all_batches(plan: Plan, epoch: int) -> list[np.ndarray]:

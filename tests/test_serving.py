@@ -268,8 +268,8 @@ def test_signal_stops_server_and_workers_within_seconds(start_server, id_dataset
 
 
 def test_client_and_server_import_no_tensorflow():
-    code = ("import sys, loader_client, loader_server.server, loader_server.cli, loader_server.worker;"
-            "import loader_client.diagnose, loader_client.rates, loader_server.watch;"
+    code = ("import sys, loader_client, loader_server.serve.server, loader_server.cli, loader_server.worker.loop;"
+            "import loader_client.diagnose, loader_client.rates, loader_server.tools.watch;"
             "from loader_client import BatchStream;"
             "assert 'DataWaitMonitor' in loader_client.__all__;"
             "bad = [m for m in ('tensorflow', 'keras') if m in sys.modules]; print(bad); sys.exit(bool(bad))")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loader_server.soak_faults import FAULTS
+from loader_server.tools.soak.faults import FAULTS
 from tests.conftest import serve_command
 
 

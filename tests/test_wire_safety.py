@@ -18,9 +18,9 @@ import pytest
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from tests.conftest import wait_for
 from loader_client import protocol
 from loader_client.stream import BatchStream, request_stats
+from tests.conftest import wait_for
 
 NUM_SAMPLES = 203
 BATCH = 16

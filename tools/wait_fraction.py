@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from loader_client.demo import start_server
+from loader_server.tools.demo import start_server
 
 SIDE = 64
 

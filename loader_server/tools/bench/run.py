@@ -31,32 +31,21 @@ from typing import Any
 
 import numpy as np
 
-from loader_server.progress import Progress
+from loader_server.tools.bench.workload import (
+    ROWS_PER_FILE,
+    WORKLOADS,
+    Workload,
+    write_files,
+    write_small_files,
+)
 
 log = logging.getLogger(__name__)
 
-ROWS_PER_FILE = 64
 READY = re.compile(r"serving .* at (tcp://\S+|ipc://\S+)")
 JOIN = re.compile(r"remote workers may join at (tcp://[^\s;]+)")
 CHILD_TIMEOUT_S = 900
 
 
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    side: int
-    samples: int
-    augment: tuple[str, ...]
-
-    @property
-    def sample_bytes(self) -> int:
-        return self.side * self.side * 4
-
-
-WORKLOADS = {
-    "io": Workload("io", 128, 4096, ()),
-    "aug": Workload("aug", 64, 4096, ("rotate:degrees=15,p=0.5,order=3",)),
-}
 BASELINES = ("keras-threads", "keras-processes", "tf-numpy-function", "tf-pure", "torch")
 
 
@@ -82,32 +71,6 @@ class Report:
     first_batch: dict[str, float] = field(default_factory=dict)
     server_rss_by_size: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
-
-
-# -- data ------------------------------------------------------------------------------------
-
-def write_files(folder: Path, wl: Workload) -> None:
-    """Combined layout, as in the tutorial: features then the label as the last column."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    with Progress(f"bench: writing {folder.name} files", wl.samples // ROWS_PER_FILE, "files") as progress:
-        for i in range(wl.samples // ROWS_PER_FILE):
-            rows = rng.random((ROWS_PER_FILE, wl.side * wl.side + 1), dtype=np.float32)
-            rows[:, -1] = rng.integers(0, 10, ROWS_PER_FILE)
-            np.save(folder / f"part-{i:04d}.npy", rows)
-            progress.advance()
-
-
-def write_small_files(folder: Path, count: int) -> None:
-    """One 8x8 sample per file, the case where indexing cost is per file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    sample = np.zeros((8, 8), np.float32)
-    with Progress("bench: writing one-sample files", count, "files") as progress:
-        for i in range(count):
-            sample[0, 0] = i
-            np.save(folder / f"s{i:06d}.npy", sample)
-            progress.advance()
-    np.save(folder.parent / "small-labels.npy", np.arange(count) % 10)
 
 
 # -- one loader, in a child process ----------------------------------------------------------
@@ -249,7 +212,7 @@ def run_child(spec: dict[str, Any]) -> Result:
         elif kind == "npyloader":
             epochs, close = _npyloader(spec, folder, wl, Path(tmp))
         else:
-            from loader_server import bench_baselines
+            from loader_server.tools.bench import baselines as bench_baselines
 
             baseline = bench_baselines.ALL[kind](folder, wl, workers)
             result.loader = baseline.name
@@ -268,7 +231,7 @@ def run_child(spec: dict[str, Any]) -> Result:
 
 
 def child_main() -> None:
-    """`python -m loader_server.bench SPEC_JSON RESULT_PATH`: measure, write the Result as JSON."""
+    """`python -m loader_server.tools.bench.run SPEC_JSON RESULT_PATH`: measure, write the Result as JSON."""
     logging.basicConfig(level=logging.WARNING)
     Path(sys.argv[2]).write_text(json.dumps(asdict(run_child(json.loads(sys.argv[1])))))
 
@@ -280,7 +243,7 @@ def _in_child(spec: dict[str, Any]) -> Result | str:
     with tempfile.TemporaryDirectory(prefix="npyloader-bench-result-") as tmp:
         result_path = Path(tmp) / "result.json"
         try:
-            done = subprocess.run([sys.executable, "-m", "loader_server.bench", json.dumps(spec), str(result_path)],
+            done = subprocess.run([sys.executable, "-m", "loader_server.tools.bench.run", json.dumps(spec), str(result_path)],
                                   capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             return f"did not finish within {CHILD_TIMEOUT_S}s"
@@ -300,7 +263,7 @@ def loader_specs(workers: int, max_workers: int) -> list[tuple[str, dict[str, An
 
 
 def run(workloads: list[str], workers: int, repeats: int, quick: bool) -> Report:
-    from loader_server import bench_ceilings
+    from loader_server.tools.bench import ceilings as bench_ceilings
 
     report = Report()
     max_workers = max(workers, os.cpu_count() or 1)

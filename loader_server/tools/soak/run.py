@@ -21,10 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from loader_server import soak_data
-from loader_server.soak_cluster import Cluster, SoakConfig, SoakError, tail
-from loader_server.soak_faults import FAULTS, Fault, FaultFailed
-from loader_server.soak_report import FaultRecord, SoakReport
+from loader_server.tools.soak import data as soak_data
+from loader_server.tools.soak.cluster import Cluster, SoakConfig, SoakError, tail
+from loader_server.tools.soak.faults import FAULTS, Fault, FaultFailed
+from loader_server.tools.soak.report import FaultRecord, SoakReport
 
 __all__ = ["SoakConfig", "SoakError", "run"]
 

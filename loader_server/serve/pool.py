@@ -13,10 +13,10 @@ import multiprocessing as mp
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 from multiprocessing.process import BaseProcess
+from typing import Any
 
-from loader_server.worker import run_worker
+from loader_server.worker.loop import run_worker
 
 log = logging.getLogger(__name__)
 

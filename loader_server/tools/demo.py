@@ -63,7 +63,7 @@ def build_model(num_classes: int = 10):
 
 
 def run(workdir: Path, epochs: int, workers: int) -> dict:
-    from loader_server.demo_data import write_demo_data
+    from loader_server.tools.demo_data import write_demo_data
 
     config = workdir / "loader.toml"
     if not config.exists():
@@ -117,7 +117,7 @@ def train(url: str, epochs: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loader_client.demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m loader_server.tools.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default="demo-data", type=Path, help="where the demo dataset lives")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)

@@ -27,11 +27,12 @@ import numpy as np
 import zmq
 
 from loader_client import protocol
-from loader_server.augment import Pipeline, build_pipeline, sample_rng
-from loader_server.dataset import DatasetError, DatasetIndex, SampleReader
+from loader_server.data.augment import Pipeline, build_pipeline, sample_rng
+from loader_server.data.index import DatasetError, DatasetIndex
+from loader_server.data.reader import SampleReader
+from loader_server.data.sampler import Plan
 from loader_server.metrics import SharedCounters
-from loader_server.sampler import Plan
-from loader_server.slots import SlotLayout, SlotReader
+from loader_server.shm.slots import SlotLayout, SlotReader
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,11 @@ from typing import Any
 import zmq
 
 from loader_client import protocol
-from loader_server.dataset import DatasetIndex
+from loader_server.data.index import DatasetIndex
+from loader_server.data.sampler import Plan
 from loader_server.metrics import DatasetCounters
-from loader_server.pool import LocalPool
-from loader_server.sampler import Plan
-from loader_server.slots import SlotPool
+from loader_server.serve.pool import LocalPool
+from loader_server.shm.slots import SlotPool
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from loader_server import soak_data
-from loader_server.soak_clients import ClientLog, ClientSpec, ClientTally
-from loader_server.soak_procs import MemoryTracker, ProcRef, boot_ticks_now, children, in_groups, shm_segments, spawn
+from loader_server.tools.soak import data as soak_data
+from loader_server.tools.soak.clients import ClientLog, ClientSpec, ClientTally
+from loader_server.tools.soak.procs import (
+    MemoryTracker,
+    ProcRef,
+    boot_ticks_now,
+    children,
+    in_groups,
+    shm_segments,
+    spawn,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,13 +152,13 @@ class Cluster:
     def start_readers(self) -> None:
         for name, (dataset, order) in READERS.items():
             spec = self._client_spec(name, dataset, order)
-            self.clients[name], _ = self._spawn(f"client-{name}", ["-m", "loader_server.soak_clients",
+            self.clients[name], _ = self._spawn(f"client-{name}", ["-m", "loader_server.tools.soak.clients",
                                                                    json.dumps(asdict(spec))])
             self.client_logs[name] = ClientLog(Path(spec.result), ClientTally(name, dataset, order))
 
     def start_vanisher(self, first_epoch: int) -> tuple[subprocess.Popen, Path]:
         spec = self._client_spec(f"vanishing-{len(self.vanishers) + 1}", "train", "vanish", first_epoch)
-        proc, _ = self._spawn("client-vanishing", ["-m", "loader_server.soak_clients", json.dumps(asdict(spec))])
+        proc, _ = self._spawn("client-vanishing", ["-m", "loader_server.tools.soak.clients", json.dumps(asdict(spec))])
         self.vanishers.append(proc)
         return proc, Path(spec.result)
 

@@ -23,9 +23,9 @@ import numpy as np
 import zmq
 
 from loader_client import protocol
-from loader_server.broker import SILENCE_BEATS
-from loader_server.soak_cluster import Cluster, tail
-from loader_server.soak_procs import ProcRef
+from loader_server.serve.broker import SILENCE_BEATS
+from loader_server.tools.soak.cluster import Cluster, tail
+from loader_server.tools.soak.procs import ProcRef
 
 TARGET_TIMEOUT_S = 60.0
 ORPHAN_EXIT_S = 15.0

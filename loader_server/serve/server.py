@@ -20,17 +20,19 @@ import numpy as np
 import zmq
 
 from loader_client import protocol
-from loader_server import ipc_dir, remote
-from loader_server.augment import build_pipeline, sample_rng
-from loader_server.broker import Broker, ServedDataset
 from loader_server.config import ConfigError, DatasetConfig, ServeConfig
-from loader_server.dataset import DatasetIndex, SampleReader
-from loader_server.index_cache import load_or_build
+from loader_server.data import manifest
+from loader_server.data.augment import build_pipeline, sample_rng
+from loader_server.data.index import DatasetIndex
+from loader_server.data.index_cache import load_or_build
+from loader_server.data.reader import SampleReader
+from loader_server.data.sampler import Plan
 from loader_server.metrics import SnapshotCollector, server_families, start_exporter
-from loader_server.pool import LocalPool
-from loader_server.sampler import Plan
-from loader_server.slots import SlotPool
-from loader_server.worker import WorkerDataset, WorkerSpec
+from loader_server.serve.broker import Broker, ServedDataset
+from loader_server.serve.pool import LocalPool
+from loader_server.shm import ipc_dir
+from loader_server.shm.slots import SlotPool
+from loader_server.worker.loop import WorkerDataset, WorkerSpec
 
 log = logging.getLogger("npyloader")
 
@@ -140,7 +142,7 @@ class Server:
         worker_endpoint = _bind(self._wsock, f"ipc://{self._ipc_dir}/{ipc_dir.SOCKET_NAME}", "worker endpoint")
         self.worker_endpoint = setup = None
         if cfg.worker_bind:
-            setup = remote.describe(cfg.datasets, indexes, specs)
+            setup = manifest.describe(cfg.datasets, indexes, specs)
             self._rsock = self._socket(largest_batch + protocol.MAX_REQUEST_BYTES)
             self.worker_endpoint = _bind(self._rsock, cfg.worker_bind, "--worker-bind", cfg.curve is not None)
             log.info("remote workers may join at %s; data root %s (a worker keeping the data elsewhere "

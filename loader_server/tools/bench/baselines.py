@@ -38,8 +38,8 @@ import tensorflow as tf
 from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
 from scipy import ndimage
 
-from loader_server.augment import Rotate, build_pipeline
-from loader_server.bench import ROWS_PER_FILE, Workload
+from loader_server.data.augment import Rotate, build_pipeline
+from loader_server.tools.bench.workload import ROWS_PER_FILE, Workload
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def rotation_of(wl: Workload) -> Rotate | None:
     return ops[0]
 
 
-class SampleReader:
+class PlanRowReader:
     """Gathers and augments the plan's samples from memory maps.
 
     Picklable (the maps are dropped and reopened), so a pool that spawns rather than forks can
@@ -220,7 +220,7 @@ class PlanPyDataset(keras.utils.PyDataset):
     each epoch so that `epoch(n)` delivers epoch n whatever ran before.
     """
 
-    def __init__(self, reader: SampleReader, workers: int, use_multiprocessing: bool) -> None:
+    def __init__(self, reader: PlanRowReader, workers: int, use_multiprocessing: bool) -> None:
         super().__init__(workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=KERAS_QUEUE)
         self.reader = reader
         self.epoch = 0
@@ -259,7 +259,7 @@ def _pydataset(folder: Path, wl: Workload, workers: int, use_multiprocessing: bo
     abandoned half-way cannot leave batches in the enqueuer's queue for the next one.
     """
     _check_workers(workers)
-    dataset = PlanPyDataset(SampleReader(folder, wl), workers, use_multiprocessing)
+    dataset = PlanPyDataset(PlanRowReader(folder, wl), workers, use_multiprocessing)
     pools: list[Any] = []
 
     def epoch(n: int) -> Generator[Batch, None, None]:
@@ -310,7 +310,7 @@ def _tf_epochs(ds: tf.data.Dataset, epoch_var: tf.Variable) -> Callable[[int], G
 def tf_data_numpy_function(folder: Path, wl: Workload, workers: int) -> Baseline:
     """tf.data driving the same Python batch function through `tf.numpy_function` (GIL-bound)."""
     _check_workers(workers)
-    reader = SampleReader(folder, wl)
+    reader = PlanRowReader(folder, wl)
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
 
     def load_batch(epoch: np.int64, index: np.int64) -> Batch:
@@ -350,7 +350,7 @@ def tf_data_pure(folder: Path, wl: Workload, workers: int) -> Baseline:
     shuffling per sample, not a choice made here.
     """
     _check_workers(workers)
-    paths = SampleReader(folder, wl).paths
+    paths = PlanRowReader(folder, wl).paths
     header = read_header(paths[0])
     payload = int(np.prod(header.shape)) * 4
     wrong = [p for p in paths if p.stat().st_size != header.offset + payload]
@@ -392,7 +392,7 @@ class TorchSamples:
     this module imports without torch and stays picklable for spawned workers.
     """
 
-    def __init__(self, reader: SampleReader) -> None:
+    def __init__(self, reader: PlanRowReader) -> None:
         self.reader = reader
 
     def __len__(self) -> int:
@@ -405,7 +405,7 @@ class TorchSamples:
 class EpochSampler:
     """The plan's per-sample permutation for the epoch set before each `iter(loader)`."""
 
-    def __init__(self, reader: SampleReader) -> None:
+    def __init__(self, reader: PlanRowReader) -> None:
         self.reader = reader
         self.epoch = 0
 
@@ -439,7 +439,7 @@ def torch_dataloader(folder: Path, wl: Workload, workers: int) -> Baseline:
     except ImportError as e:
         raise BaselineUnavailable("torch is not installed: pip install torch") from e
     _check_workers(workers)
-    reader = SampleReader(folder, wl)
+    reader = PlanRowReader(folder, wl)
     sampler = EpochSampler(reader)
     loader = DataLoader(TorchSamples(reader), batch_size=BATCH, sampler=sampler, num_workers=workers,
                         persistent_workers=True, collate_fn=_collate, worker_init_fn=_torch_worker_init)

@@ -19,7 +19,13 @@ from typing import Any
 import msgpack
 
 from loader_server.config import DatasetConfig
-from loader_server.dataset import ArraySource, DatasetIndex, SampleSpec, build_index, expand_files
+from loader_server.data.index import (
+    ArraySource,
+    DatasetIndex,
+    SampleSpec,
+    build_index,
+    expand_files,
+)
 
 log = logging.getLogger(__name__)
 

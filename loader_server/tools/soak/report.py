@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from loader_server.soak_faults import FAULTS
+from loader_server.tools.soak.faults import FAULTS
 
 
 @dataclass

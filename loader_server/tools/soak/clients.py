@@ -6,7 +6,7 @@ it checked pixel by pixel. The soak reads those files while the clients run and 
 end, and decides what was lost or repeated itself: a client only reports what it saw. Files,
 not sockets, carry the results, and nothing is ever pickled.
 
-    python -m loader_server.soak_clients SPEC_JSON
+    python -m loader_server.tools.soak.clients SPEC_JSON
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from loader_client.stream import BatchStream, Connection
-from loader_server.augment import build_pipeline, sample_rng
-from loader_server.soak_data import DATASETS, SoakDataset, pixels
+from loader_server.data.augment import build_pipeline, sample_rng
+from loader_server.tools.soak.data import DATASETS, SoakDataset, pixels
 
 log = logging.getLogger(__name__)
 
