@@ -9,6 +9,11 @@ Sequential reads (predict, evaluate, `as_tf_dataset`) also request ahead by inde
 
 The training process never forks: `use_multiprocessing=True` is refused, since the work it
 would move out of the process already happens in the server.
+
+On the server's host, batches are read from its shared memory (`transport="auto"`, see
+stream.py): `seq[i]` returns read-only views on a slot, valid for as long as anything refers
+to them. The prefetch depth then stays within the slots the server lends one client, so the
+batches Keras queues up never keep the server from building the next ones.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from loader_client.stream import SPARE_SLOTS as SHM_SPARE
 from loader_client.stream import Batch, Connection, Curve, as_curve, request_stats
 
 PREFETCH_BYTES = 512 << 20
@@ -25,9 +31,14 @@ MAX_DEFAULT_PREFETCH = 16
 SEQUENTIAL_RUN = 2
 
 
-def default_prefetch(batch_bytes: int) -> int:
-    """Deep enough to hide latency, shallow enough that buffered batches stay near 512 MiB."""
-    return max(2, min(MAX_DEFAULT_PREFETCH, PREFETCH_BYTES // max(batch_bytes, 1)))
+def default_prefetch(batch_bytes: int, max_held: int = 0) -> int:
+    """Deep enough to hide latency, shallow enough that buffered batches stay near 512 MiB.
+    Over shared memory (`max_held` > 0) every queued batch holds a slot, so the depth leaves
+    room in the client's share of slots for the batch in training and those being built."""
+    depth = min(MAX_DEFAULT_PREFETCH, PREFETCH_BYTES // max(batch_bytes, 1))
+    if max_held:
+        depth = min(depth, max_held - 2 * SHM_SPARE)
+    return max(2, depth)
 
 
 class RemoteSequence(keras.utils.PyDataset):
@@ -41,7 +52,7 @@ class RemoteSequence(keras.utils.PyDataset):
 
     def __init__(self, url: str, dataset: str = "train", timeout: float = 30.0,
                  prefetch: int | None = None, shard: tuple[int, int] | None = None,
-                 epoch: int = 0, curve: Curve = None, **kwargs: Any) -> None:
+                 epoch: int = 0, curve: Curve = None, transport: str = "auto", **kwargs: Any) -> None:
         if kwargs.pop("use_multiprocessing", False):
             raise ValueError(
                 "RemoteSequence(use_multiprocessing=True) would fork the training process; "
@@ -49,10 +60,10 @@ class RemoteSequence(keras.utils.PyDataset):
         if prefetch is not None and prefetch < 1:
             raise ValueError(f"prefetch must be at least 1, got {prefetch}")
         self._curve = as_curve(curve)
-        self._conn = Connection(url, dataset, timeout=timeout, shard=shard, curve=self._curve)
+        self._conn = Connection(url, dataset, timeout=timeout, shard=shard, curve=self._curve, transport=transport)
         info = self._conn.info
         batch_bytes = sum(info.batch_size * int(np.prod(s)) * np.dtype(d).itemsize for _, d, s in info.specs)
-        self.prefetch = prefetch or default_prefetch(batch_bytes)
+        self.prefetch = prefetch or default_prefetch(batch_bytes, self._conn.max_held)
         kwargs.setdefault("workers", self.prefetch)
         kwargs.setdefault("max_queue_size", self.prefetch)
         super().__init__(use_multiprocessing=False, **kwargs)
@@ -88,11 +99,9 @@ class RemoteSequence(keras.utils.PyDataset):
         self._conn.cancel_other_epochs(self.epoch)
 
     def stats(self) -> dict[str, Any]:
-        """How much data arrived, and `wait_s`: the wall time during which no batch was ready
-        for Keras (all of its loader threads were blocked on the network)."""
-        c = self._conn
-        return {"batches": c.batches, "bytes": c.bytes, "wait_s": c.wait_s, "epoch": self.epoch,
-                "reconnects": c.reconnects}
+        """How much data arrived and how (`transport`: "shm" or "socket"), and `wait_s`: the wall
+        time during which no batch was ready for Keras (all of its loader threads were blocked)."""
+        return {**self._conn.stats(), "epoch": self.epoch}
 
     def server_stats(self, timeout: float | None = None) -> dict[str, Any]:
         """The server's stats (what `npyloader stats --json` prints), asked with this

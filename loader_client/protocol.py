@@ -123,6 +123,35 @@ def _map_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, dict) for x in v)
 
 
+NONCE_BYTES = 16
+_SEGMENT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def _nonce(v: Any) -> bool:
+    return isinstance(v, bytes) and len(v) == NONCE_BYTES
+
+
+def _segment(v: Any) -> bool:
+    """A shared-memory name the client opens under /dev/shm: never a path, never hidden."""
+    return isinstance(v, str) and 0 < len(v) <= 255 and set(v) <= _SEGMENT_CHARS and not v.startswith(".")
+
+
+def _offsets(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= MAX_ARRAYS and all(_nonneg_int(x) for x in v)
+
+
+def _shm_offer(v: Any) -> bool:
+    """Where a dataset's batch slots lie, for a client on the server's host (see loader_client/shm.py)."""
+    keys = {"segment": _segment, "bytes": _nonneg_int, "base": _nonneg_int, "slot_bytes": _nonneg_int,
+            "nslots": _nonneg_int, "offsets": _offsets}
+    return isinstance(v, dict) and all(k in v and check(v[k]) for k, check in keys.items())
+
+
+def _releases(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= MAX_CREDIT and all(
+        isinstance(p, list) and len(p) == 2 and all(_nonneg_int(x) for x in p) for p in v)
+
+
 def _spec_list(v: Any) -> bool:
     return isinstance(v, list) and len(v) <= MAX_ARRAYS and all(
         isinstance(s, list) and len(s) == 3 and _name(s[0]) and isinstance(s[1], str) and s[1] in ALLOWED_DTYPES
@@ -138,7 +167,11 @@ Check = Callable[[Any], bool]
 SCHEMAS: dict[str, dict[str, Check]] = {
     # client -> server
     "hello": {"dataset": _name, "shard?": _shard},
-    "request": {"epoch": _nonneg_int, "batches": _index_list, "wait_s?": _number},
+    "request": {"epoch": _nonneg_int, "batches": _index_list, "wait_s?": _number, "release?": _releases},
+    # same-host clients: prove they see the server's memory, then give back the slots they read,
+    # each named [slot, generation]
+    "attach": {"nonce": _nonce},
+    "release": {"slots": _releases},
     "cancel": {"keep_epoch": _nonneg_int},
     "ping": {},
     "stats": {},
@@ -146,9 +179,12 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     # server -> client
     "welcome": {
         "dataset": _name, "num_samples": _nonneg_int, "batch_size": _nonneg_int,
-        "batches": _nonneg_int, "specs": _spec_list,
+        "batches": _nonneg_int, "specs": _spec_list, "shm?": _shm_offer,
     },
     "batch": {"epoch": _nonneg_int, "index": _nonneg_int},
+    "attached": {"max_held": _nonneg_int},
+    "slot": {"epoch": _nonneg_int, "index": _nonneg_int, "slot": _nonneg_int, "gen": _nonneg_int,
+             "rows": _nonneg_int},
     "pong": {},
     "stats_reply": {"stats": _any_map},
     "error": {"code": _name, "message": _text, "epoch?": _nonneg_int, "index?": _nonneg_int},

@@ -5,7 +5,12 @@ callers, which may be several Keras enqueuer threads at once, only queue request
 a condition for the batch they asked for. Each request is one unit of credit: the server
 never sends what was not asked for, so memory on both sides is bounded by the window.
 
-Received arrays are `np.frombuffer` views on the ZeroMQ frames: no copy after the socket.
+Received arrays are `np.frombuffer` views on the ZeroMQ frames: no copy after the socket. On
+the server's own host the bytes skip the socket altogether: the client maps the dataset's
+shared-memory slots read-only and receives only which slot holds each batch (`shm.py`); it
+gives each slot back once nothing in the program refers to that batch any more. Which way
+is negotiated at hello (`transport="auto"`); where shared memory cannot be read, the client
+logs why once and uses the socket.
 If the server goes quiet while batches are outstanding, the client pings it; a restarted
 server answers "unknown client", and the client says hello again and re-asks for exactly the
 batches it is still missing, so nothing is lost and nothing is delivered twice.
@@ -13,10 +18,10 @@ batches it is still missing, so nothing is lost and nothing is delivered twice.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,13 +30,17 @@ import zmq
 
 from loader_client import protocol
 from loader_client.security import ClientCurve
+from loader_client.shm import LeaseTag, Offer, Segment, ShmUnavailable, Waker
 
 log = logging.getLogger(__name__)
 
 PING_AFTER_S = 1.0
 KEPT_EPOCHS = 4
 DEFAULT_PREFETCH = 8
-_ids = itertools.count()
+TRANSPORTS = ("auto", "shm", "socket")
+# Slots kept free for batches in flight when the program itself holds many batches read from
+# shared memory: past that, a batch is copied out and its slot given back at once.
+SPARE_SLOTS = 2
 
 Batch = tuple[np.ndarray, ...]
 Key = tuple[int, int]
@@ -57,9 +66,11 @@ class Connection:
     """A session with one server for one dataset (and shard); thread-safe for callers."""
 
     def __init__(self, url: str, dataset: str = "train", *, timeout: float = 30.0,
-                 shard: tuple[int, int] | None = None, curve: Curve = None) -> None:
+                 shard: tuple[int, int] | None = None, curve: Curve = None, transport: str = "auto") -> None:
         if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
             raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
         self.url = url
         self.dataset = dataset
         self.timeout = timeout
@@ -83,12 +94,20 @@ class Connection:
         self._returned: dict[int, int] = {}
         self._starved_since: float | None = None
         self.reconnects = 0
+        self.wanted_transport = transport
+        self.transport = "socket"             # what batches arrive by now
+        self.transport_reason: str | None = None  # why not shared memory, when it was wanted
+        self._segment: Segment | None = None  # attached: lent slots are read from here
+        self._attaching: Segment | None = None
+        self._session = 0                     # bumped by each welcome: slots of older sessions are not ours to give back
+        self._max_held = 0
+        self._ready_tags: dict[Key, LeaseTag] = {}
+        self._released: deque[LeaseTag] = deque()  # appended by lease finalizers, in any thread
+        self._lent_live = 0                   # slots lent to us and not yet given back
+        self._handed_live = 0                 # of those, batches the program got and still holds
+        self.copied = 0
         self._ctx = zmq.Context.instance()
-        self._wake_addr = f"inproc://npyloader-client-{id(self)}-{next(_ids)}"
-        self._wake_rx = self._ctx.socket(zmq.PAIR)
-        self._wake_rx.bind(self._wake_addr)
-        self._wake_tx = self._ctx.socket(zmq.PAIR)
-        self._wake_tx.connect(self._wake_addr)
+        self._waker = Waker()
         self._thread = threading.Thread(target=self._io_loop, name=f"npyloader-io-{dataset}", daemon=True)
         self._thread.start()
         self._handshake()
@@ -98,7 +117,8 @@ class Connection:
     def _handshake(self) -> None:
         with self._cv:
             self._send_control(["hello"])
-            answered = self._cv.wait_for(lambda: self.info is not None or self._fatal is not None, self.timeout)
+            answered = self._cv.wait_for(
+                lambda: (self.info is not None and self._attaching is None) or self._fatal is not None, self.timeout)
         if not answered:
             self.close()
             raise TimeoutError(
@@ -141,7 +161,7 @@ class Connection:
                     del self._returned[min(self._returned)]
                 self._account_wait(epoch)
             if key in self._ready:
-                return self._ready.pop(key)
+                return self._hand_out(key)
             if key in self._failed:
                 raise ServerError(f"{self.url} could not build batch {index} of epoch {epoch} "
                                   f"of '{self.dataset}': {self._failed.pop(key)}")
@@ -151,6 +171,22 @@ class Connection:
                     f"no batch {index} of epoch {epoch} from {self.url} within {self.timeout:g}s: "
                     f"is the server alive and are its workers running? (`npyloader stats {self.url}`)")
             raise AssertionError("unreachable")
+
+    def _hand_out(self, key: Key) -> Batch:
+        """The ready batch, given to the program. One read from a lent slot is handed over as
+        views, unless the program already holds so many that the server could lend no slot for
+        the batches in flight: then it is copied out and the slot given back at once, so a
+        program that keeps every batch slows down but never stalls."""
+        batch = self._ready.pop(key)
+        tag = self._ready_tags.pop(key, None)
+        if tag is None:
+            return batch
+        if self._handed_live >= self._max_held - SPARE_SLOTS:
+            self.copied += 1
+            return tuple(np.array(a) for a in batch)
+        tag.handed = True
+        self._handed_live += 1
+        return batch
 
     def _account_wait(self, epoch: int) -> None:
         """Training is starved while every loader thread that can still be fetching is blocked:
@@ -172,10 +208,23 @@ class Connection:
             self._outstanding = {k for k in self._outstanding if k[0] == keep_epoch}
             self._outbox = [k for k in self._outbox if k[0] == keep_epoch]
             self._ready = {k: v for k, v in self._ready.items() if k[0] == keep_epoch}
+            self._ready_tags = {k: v for k, v in self._ready_tags.items() if k[0] == keep_epoch}
             self._send_control(["cancel", keep_epoch])
 
     def server_stats(self) -> dict:
         return request_stats(self.url, self.timeout)
+
+    def stats(self) -> dict:
+        """What arrived and how: `transport` is "shm" or "socket" (`transport_reason` says why
+        not shared memory when it was wanted); `copied` counts batches copied out of shared
+        memory because the program held too many at once."""
+        return {"batches": self.batches, "bytes": self.bytes, "wait_s": self.wait_s, "reconnects": self.reconnects,
+                "transport": self.transport, "transport_reason": self.transport_reason, "copied": self.copied}
+
+    @property
+    def max_held(self) -> int:
+        """How many slots the server lends this client at most (0 over the socket)."""
+        return self._max_held if self.transport == "shm" else 0
 
     def _check_open(self) -> None:
         if self._fatal is not None:
@@ -188,21 +237,21 @@ class Connection:
         self._wake()
 
     def _wake(self) -> None:
-        try:
-            self._wake_tx.send(b"", zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # a wake-up is already pending; the I/O thread will see everything queued
+        self._waker.wake()
 
     def close(self) -> None:
+        """End the session. Batches not yet read give their slots back first; arrays the program
+        still holds stay valid for the server's --client-timeout (60 s by default)."""
         with self._cv:
             if self._closed:
                 return
             self._closed = True
+            self._ready.clear()
+            self._ready_tags.clear()
             self._send_control(["bye"])
             self._cv.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join(5.0)
-        self._wake_tx.close(0)
 
     # -- I/O thread ----------------------------------------------------------------------
 
@@ -215,14 +264,13 @@ class Connection:
         sock.connect(self.url)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        poller.register(self._wake_rx, zmq.POLLIN)
+        poller.register(self._waker.rfd, zmq.POLLIN)
         last_heard = last_ping = time.monotonic()
         try:
             while True:
                 events = dict(poller.poll(int(PING_AFTER_S * 500)))
-                if self._wake_rx in events:
-                    while self._wake_rx.poll(0):
-                        self._wake_rx.recv()
+                if self._waker.rfd in events:
+                    self._waker.drain()
                 if not self._flush(sock):
                     return
                 if sock in events:
@@ -234,39 +282,64 @@ class Connection:
                             break
                         self._on_message(frames)
                 now = time.monotonic()
-                if now - last_heard > PING_AFTER_S and now - last_ping > PING_AFTER_S and self._outstanding:
+                # a client still holding lent slots stays in touch, or the server would reclaim them
+                if (now - last_heard > PING_AFTER_S and now - last_ping > PING_AFTER_S
+                        and (self._outstanding or self._lent_live)):
                     sock.send_multipart(protocol.encode("ping"))
                     last_ping = now
         finally:
             sock.close()
-            self._wake_rx.close(0)
 
     def _flush(self, sock: zmq.Socket) -> bool:
-        """Send queued control messages and requests. False once the connection is closed."""
+        """Send queued control messages, requests and slot releases (riding on a request where
+        there is one). Releases go before a bye. False once the connection is closed."""
         with self._cv:
             control, self._control = self._control, []
             outbox, self._outbox = self._outbox, []
             wait_s = self.wait_s
+            releases = self._take_releases()
+        bye = False
         for item in control:
             if item[0] == "hello":
                 sock.send_multipart(protocol.encode("hello", {"dataset": self.dataset, "shard": self._shard}))
+            elif item[0] == "attach":
+                sock.send_multipart(protocol.encode("attach", {"nonce": item[1]}))
             elif item[0] == "cancel":
                 sock.send_multipart(protocol.encode("cancel", {"keep_epoch": item[1]}))
             elif item[0] == "bye":
-                sock.send_multipart(protocol.encode("bye"))
-                return False
+                bye = True
         by_epoch: dict[int, list[int]] = {}
         for epoch, index in outbox:
             by_epoch.setdefault(epoch, []).append(index)
         for epoch, indices in by_epoch.items():
             for start in range(0, len(indices), protocol.MAX_CREDIT):
-                sock.send_multipart(protocol.encode("request", {
-                    "epoch": epoch, "batches": indices[start:start + protocol.MAX_CREDIT], "wait_s": wait_s}))
-        return True
+                fields = {"epoch": epoch, "batches": indices[start:start + protocol.MAX_CREDIT], "wait_s": wait_s}
+                if releases:
+                    fields["release"], releases = releases[:protocol.MAX_CREDIT], releases[protocol.MAX_CREDIT:]
+                sock.send_multipart(protocol.encode("request", fields))
+        for start in range(0, len(releases), protocol.MAX_CREDIT):
+            sock.send_multipart(protocol.encode("release", {"slots": releases[start:start + protocol.MAX_CREDIT]}))
+        if bye:
+            sock.send_multipart(protocol.encode("bye"))
+        return not bye
+
+    def _take_releases(self) -> list[list[int]]:
+        """The slots whose batches nothing refers to any more, as [slot, generation] pairs of
+        this session (a restarted server lent the older ones, and they died with it)."""
+        pairs = []
+        while self._released:
+            tag = self._released.popleft()
+            if tag.session != self._session:
+                continue
+            self._lent_live -= 1
+            if tag.handed:
+                self._handed_live -= 1
+            pairs.append([tag.slot, tag.gen])
+        return pairs
 
     def _on_message(self, frames: list[zmq.Frame]) -> None:
         try:
-            msg = protocol.decode(frames, allowed=frozenset({"welcome", "batch", "error", "pong"}))
+            msg = protocol.decode(frames, allowed=frozenset({"welcome", "batch", "slot", "attached", "error", "pong"}))
         except Exception as e:  # never let one bad message stop the I/O thread
             log.error("dropped a malformed message from %s: %s", self.url, e)
             return
@@ -282,11 +355,79 @@ class Connection:
                         self._ready[key] = tuple(msg.arrays.values())
                         self.batches += 1
                         self.bytes += sum(a.nbytes for a in msg.arrays.values())
+            elif msg.type == "slot":
+                self._on_slot(msg)
+            elif msg.type == "attached":
+                self._on_attached(msg)
             elif msg.type == "welcome":
                 self._on_welcome(msg)
             elif msg.type == "error":
                 self._on_error(msg)
             self._cv.notify_all()
+
+    def _on_slot(self, msg: protocol.Message) -> None:
+        """A batch lent in shared memory. Whatever becomes of it (read, not asked for, refused),
+        its slot is given back once nothing refers to it."""
+        key = (msg["epoch"], msg["index"])
+        tag = LeaseTag(self._session, msg["slot"], msg["gen"])
+        self._lent_live += 1
+        if self._segment is None:
+            problem = "the server lent a shared-memory slot to a client that is not attached"
+            arrays: tuple[np.ndarray, ...] = ()
+            self._released.append(tag)
+        else:
+            try:
+                arrays = self._segment.read(msg["slot"], msg["rows"], tag, self._released, self._waker)
+                problem = None
+            except ValueError as e:
+                arrays, problem = (), f"the server lent a slot this client cannot read: {e}"
+                self._released.append(tag)
+        if key not in self._outstanding:
+            return  # not asked for, or cancelled: dropping the views gives the slot back
+        self._outstanding.discard(key)
+        if problem is None:
+            assert self.info is not None
+            problem = self._unlike_welcome(dict(zip((n for n, _, _ in self.info.specs), arrays)))
+        if problem:
+            self._failed[key] = problem
+            return
+        self._ready[key] = arrays
+        self._ready_tags[key] = tag
+        self.batches += 1
+        self.bytes += sum(a.nbytes for a in arrays)
+
+    def _on_attached(self, msg: protocol.Message) -> None:
+        if self._attaching is None:
+            return
+        self._segment, self._attaching = self._attaching, None
+        self._max_held = msg["max_held"]
+        self.transport, self.transport_reason = "shm", None
+        log.info("%s: reading '%s' from shared memory (%s)", self.url, self.dataset, self._segment.offer.segment)
+
+    def _attach(self, offer: dict | None) -> None:
+        """After a welcome: map the server's segment and prove it by its nonce, or say why not."""
+        self._segment = None
+        self.transport = "socket"
+        if self.wanted_transport == "socket":
+            return
+        assert self.info is not None
+        try:
+            if offer is None:
+                raise ShmUnavailable("the server has no local workers, so no shared-memory slots")
+            segment = Segment(Offer.from_welcome(offer), self.info.specs, self.info.batch_size)
+        except ShmUnavailable as e:
+            self._no_shm(str(e))
+            return
+        self._attaching = segment
+        self._send_control(["attach", segment.nonce])
+
+    def _no_shm(self, reason: str) -> None:
+        self._attaching = None
+        if self.wanted_transport == "shm":
+            self._fatal = ShmUnavailable(f"{self.url}: transport='shm', but {reason}")
+        elif reason != self.transport_reason:
+            log.info("%s: reading '%s' over the socket, not shared memory: %s", self.url, self.dataset, reason)
+        self.transport_reason = reason
 
     def _unlike_welcome(self, arrays: dict[str, np.ndarray]) -> str | None:
         """Why a batch breaks what the welcome promised, or None. The schema only makes each array
@@ -315,9 +456,14 @@ class Connection:
             self._outbox.extend(sorted(self._outstanding))
         self._rejoining = False
         self.info = info
+        self._session += 1
+        self._attach(msg.get("shm"))
 
     def _on_error(self, msg: protocol.Message) -> None:
         code, text = msg["code"], msg["message"]
+        if code == "shm_refused":
+            self._no_shm(text)
+            return
         if code == "unknown_client":
             if self.info is not None and not self._rejoining:
                 self._rejoining = True
@@ -374,12 +520,13 @@ class BatchStream:
     """
 
     def __init__(self, url: str, dataset: str = "train", epoch: int = 0, timeout: float = 30.0,
-                 prefetch: int = DEFAULT_PREFETCH, shard: tuple[int, int] | None = None, curve: Curve = None) -> None:
+                 prefetch: int = DEFAULT_PREFETCH, shard: tuple[int, int] | None = None, curve: Curve = None,
+                 transport: str = "auto") -> None:
         if prefetch < 1:
             raise ValueError(f"prefetch must be at least 1, got {prefetch}")
         self.epoch = epoch
         self.prefetch = prefetch
-        self._conn = Connection(url, dataset, timeout=timeout, shard=shard, curve=curve)
+        self._conn = Connection(url, dataset, timeout=timeout, shard=shard, curve=curve, transport=transport)
 
     @property
     def info(self) -> DatasetInfo:
@@ -399,8 +546,7 @@ class BatchStream:
         self.epoch += 1
 
     def stats(self) -> dict:
-        c = self._conn
-        return {"batches": c.batches, "bytes": c.bytes, "wait_s": c.wait_s, "reconnects": c.reconnects}
+        return self._conn.stats()
 
     def close(self) -> None:
         self._conn.close()

@@ -6,8 +6,12 @@ are dispatched round-robin across clients, so a train and a val stream (or two t
 share the pool fairly. Each worker takes as many tasks as its announced capacity, so faster
 workers, asking again sooner, get more of the work.
 
-A local worker fills a shared-memory slot, which the broker sends to the client with
-`copy=False` and frees once ZeroMQ has let go of it. A remote worker sends the arrays inline,
+A local worker fills a shared-memory slot. A client on this host that proved it maps the
+same memory (`attach` with the segment's nonce) is told only which slot to read, and the slot
+stays lent to it until it sends the slot back (`release`, or with its next request); one that
+vanishes has its slots reclaimed after the client timeout, never sooner, so nothing is
+overwritten under a live reader. Any other client gets the slot's bytes with `copy=False`,
+and the slot is freed once ZeroMQ has let go of it. A remote worker sends the arrays inline,
 and the broker forwards those very frames. A worker that dies, or stays silent past the
 heartbeat timeout, has its batches put back at the front of their clients' queues: they are
 redone, never lost and never sent twice. A silent local worker is killed before its slots
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import secrets
 import signal
 import time
 from collections import Counter, deque
@@ -41,9 +46,12 @@ BUSY_POLL_MS = 2
 SILENCE_BEATS = 3
 MAX_BATCH_CRASHES = 3
 RELAY_QUEUE = 16
-CLIENT_MESSAGES = frozenset({"hello", "request", "cancel", "ping", "stats", "bye"})
+CLIENT_MESSAGES = frozenset({"hello", "request", "cancel", "ping", "stats", "bye", "attach", "release"})
 WORKER_MESSAGES = frozenset({"join", "ready", "refused", "heartbeat", "done", "failed"})
 LOCAL, REMOTE = b"L", b"R"  # which worker socket a worker is on: the first byte of its key
+
+
+_SENT = zmq.MessageTracker()  # no frames, nothing to wait for: already done
 
 
 @dataclass
@@ -70,6 +78,9 @@ class Client:
     crashes: Counter[tuple[int, int]] = field(default_factory=Counter)
     held: int = 0
     relaying: int = 0
+    shm: bool = False                                      # attached: reads batches from the slots
+    leases: dict[int, int] = field(default_factory=dict)   # slot -> generation lent to this client
+    closed: bool = False                                   # said bye while still holding slots
     batches: int = 0
     bytes: int = 0
     wait_s: float = 0.0
@@ -240,16 +251,68 @@ class Broker:
         plan = ds.plan_for(msg.get("shard"))
         self.clients[identity] = Client(identity, ds, plan)
         log.info("client %s joined dataset '%s' (shard %s)", identity.hex(), ds.name, msg.get("shard"))
-        self._send_client(identity, protocol.encode("welcome", {
-            "dataset": ds.name, "num_samples": plan.shard_size, "batch_size": plan.batch_size,
-            "batches": plan.num_batches, "specs": [[n, d, list(s)] for n, d, s in ds.specs],
-        }))
+        welcome = {"dataset": ds.name, "num_samples": plan.shard_size, "batch_size": plan.batch_size,
+                   "batches": plan.num_batches, "specs": [[n, d, list(s)] for n, d, s in ds.specs]}
+        if ds.slots is not None:
+            layout = ds.slots.layout
+            welcome["shm"] = {"segment": layout.shm_name, "bytes": layout.total_bytes, "base": layout.base,
+                              "slot_bytes": layout.slot_bytes, "nslots": layout.nslots,
+                              "offsets": [a.offset for a in layout.arrays]}
+        self._send_client(identity, protocol.encode("welcome", welcome))
+
+    def _client_attach(self, identity: bytes, msg: protocol.Message) -> None:
+        """A client that read the segment's nonce maps this very memory: lend it slots from now on.
+        The nonce never crosses the network from here, so a client on another host (or in a
+        container with its own /dev/shm) cannot echo it."""
+        client = self._known(identity)
+        if client is None:
+            return
+        slots = client.dataset.slots
+        if slots is None or not secrets.compare_digest(msg["nonce"], slots.nonce):
+            self.rejected["shm_refused"] += 1
+            self._error(identity, "shm_refused",
+                        f"the nonce does not match dataset '{client.dataset.name}''s shared memory: the client "
+                        "mapped another segment of that name (another host's or container's)")
+            return
+        client.shm = True
+        log.info("client %s reads '%s' from shared memory", identity.hex(), client.dataset.name)
+        self._send_client(identity, protocol.encode("attached", {"max_held": self._max_held(client)}))
+
+    def _client_release(self, identity: bytes, msg: protocol.Message) -> None:
+        client = self._known(identity)
+        if client is not None:
+            self._take_back(client, msg["slots"])
+
+    def _take_back(self, client: Client, pairs: list[list[int]]) -> None:
+        """Slots a client has finished reading. Only a slot lent to this client, at the generation
+        it was lent at, is freed; anything else (forged, stale, another client's) is refused."""
+        slots = client.dataset.slots
+        for slot, gen in pairs:
+            if slots is None or client.leases.get(slot) != gen:
+                self.rejected["bad_release"] += 1
+                log.warning("client %s released slot %d generation %d, which it does not hold; refused",
+                            client.identity.hex(), slot, gen)
+                self._error(client.identity, "bad_message",
+                            f"slot {slot} (generation {gen}) is not lent to you; release only slots you were sent")
+                continue
+            del client.leases[slot]
+            self._unhold(client.identity, slots, slot)
+        if client.closed and not client.leases:
+            self._drop_client(client.identity)
+
+    def _max_held(self, client: Client) -> int:
+        """The most slots one client may hold, being built or lent: half its dataset's slots, so
+        that no client, however slowly it reads, can starve another."""
+        slots = client.dataset.slots
+        return slots.layout.nslots // 2 if slots is not None else 0
 
     def _client_request(self, identity: bytes, msg: protocol.Message) -> None:
         client = self._known(identity)
         if client is None:
             return
         client.wait_s = float(msg.get("wait_s", client.wait_s))
+        if msg.get("release"):
+            self._take_back(client, msg["release"])
         epoch, n = msg["epoch"], client.plan.num_batches
         for index in msg["batches"]:
             key = (epoch, index)
@@ -287,6 +350,14 @@ class Broker:
         self._send_client(identity, protocol.encode("stats_reply", {"stats": self.stats()}))
 
     def _client_bye(self, identity: bytes, msg: protocol.Message) -> None:
+        """A client leaving while its program still holds batches read from shared memory keeps
+        those slots until the client timeout: its arrays stay valid that long after close()."""
+        client = self.clients.get(identity)
+        if client is not None and client.leases:
+            client.closed = True
+            client.pending.clear()
+            client.wanted.clear()
+            return
         self._drop_client(identity)
 
     def _known(self, identity: bytes) -> Client | None:
@@ -397,7 +468,7 @@ class Broker:
                     client.relaying += 1
                     return worker, None
                 continue
-            if slots is not None and client.held < slots.layout.nslots // 2:
+            if slots is not None and client.held < self._max_held(client):
                 slot = slots.acquire()
                 if slot is not None:
                     client.held += 1
@@ -416,9 +487,25 @@ class Broker:
             self._fail(task, f"a worker reported batch {task.index} with {rows} rows, over the batch size "
                              f"{slots.layout.batch_size}")
             return
+        if client.shm:
+            self._lend(task, client, rows)
+            return
         header = protocol.encode_header("batch", {"epoch": task.epoch, "index": task.index}, slots.layout.specs(rows))
         frames = slots.layout.frames(slots.buf, task.slot, rows)
         self._track(task, self._send_batch(task, header, frames), slots)
+
+    def _lend(self, task: Task, client: Client, rows: int) -> None:
+        """Tell a same-host client which slot holds its batch; the slot is its until released."""
+        slots = task.dataset.slots
+        assert slots is not None and task.slot is not None
+        gen = slots.generation[task.slot]
+        header = protocol.encode("slot", {"epoch": task.epoch, "index": task.index, "slot": task.slot,
+                                          "gen": gen, "rows": rows})
+        nbytes = sum(rows * a.sample_bytes for a in slots.layout.arrays)
+        if self._send_batch(task, header[0], [], nbytes) is None:
+            self._release(task)  # not sent: the batch is asked again, or its client is gone
+        else:
+            client.leases[task.slot] = gen
 
     def _track(self, task: Task, tracker: zmq.MessageTracker | None, slots: SlotPool | None) -> None:
         """Hold the batch's memory until ZeroMQ has let go of it (or at once if not sent)."""
@@ -446,12 +533,18 @@ class Broker:
         tracked = [zmq.Frame(f.buffer, track=True, copy=False) for f in array_frames]
         self._track(task, self._send_batch(task, header, tracked), None)
 
-    def _send_batch(self, task: Task, header: bytes, frames: list) -> zmq.MessageTracker | None:
-        """Send a batch; its tracker, or None when the send failed."""
+    def _send_batch(self, task: Task, header: bytes, frames: list,
+                    nbytes: int | None = None) -> zmq.MessageTracker | None:
+        """Send a batch; its tracker (a done one for a lent slot, which has no frames to track),
+        or None when the send failed. `nbytes` counts a lent slot's bytes, which travel in no frame."""
         client = self.clients[task.client]
         try:
-            tracker = self.csock.send_multipart([task.client, header, *frames], flags=zmq.NOBLOCK,
-                                                copy=False, track=True)
+            if frames:
+                tracker = self.csock.send_multipart([task.client, header, *frames], flags=zmq.NOBLOCK,
+                                                    copy=False, track=True)
+            else:
+                self.csock.send_multipart([task.client, header], flags=zmq.NOBLOCK)
+                tracker = _SENT
         except zmq.ZMQError as e:
             if e.errno == errno.EHOSTUNREACH:
                 log.info("client %s is gone; dropping its session", task.client.hex())
@@ -462,7 +555,8 @@ class Broker:
             return None
         asked = client.wanted.get((task.epoch, task.index))
         self._finish(task)
-        nbytes = sum(len(f) for f in frames)
+        if nbytes is None:
+            nbytes = sum(len(f) for f in frames)
         task.dataset.counters.served(nbytes, None if asked is None else time.monotonic() - asked)
         client.batches += 1
         client.bytes += nbytes
@@ -582,8 +676,17 @@ class Broker:
             self._runnable.appendleft(identity)
 
     def _drop_client(self, identity: bytes) -> None:
-        if self.clients.pop(identity, None) is not None:
-            log.info("client %s left", identity.hex())
+        """Forget a client, and take back the slots lent to it: it has left, or been silent for
+        the client timeout, so nothing of it still reads them."""
+        client = self.clients.pop(identity, None)
+        if client is None:
+            return
+        slots = client.dataset.slots
+        if client.leases and slots is not None:
+            log.info("client %s left holding %d slot(s); reclaiming them", identity.hex(), len(client.leases))
+            for slot in client.leases:
+                slots.release(slot)
+        log.info("client %s left", identity.hex())
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -622,6 +725,7 @@ class Broker:
                 "list": [_worker_stats(w, now) for w in self.workers.values()],
             },
             "clients": [{"id": c.identity.hex(), "dataset": c.dataset.name, "batches": c.batches,
+                         "transport": "shm" if c.shm else "socket", "slots_held": len(c.leases),
                          "bytes": c.bytes, "wait_s": round(c.wait_s, 3), "pending": len(c.pending),
                          "outstanding": len(c.wanted), "connected_s": round(now - c.since, 3)}
                         for c in self.clients.values()],

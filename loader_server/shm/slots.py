@@ -1,26 +1,39 @@
-"""Shared-memory batch slots: local workers assemble batches where the broker can send them.
+"""Shared-memory batch slots: local workers assemble batches where clients can read them.
 
 Relaying every batch worker -> broker -> client halves the transport ceiling on a small
 machine (DESIGN.md). Instead the server owns one shared-memory segment per dataset, cut into
 fixed-size slots; a worker gathers and augments a batch straight into the slot the broker
-assigned, and the broker sends views of that slot to the client with `copy=False`, so each
-batch crosses one socket. The server creates and unlinks every segment, so a worker killed
-mid-batch leaks nothing: its slot is simply reassigned.
+assigned. A client on another host gets views of that slot sent with `copy=False` (one socket
+hop); a client on this host maps the segment read-only and is only told which slot to read
+(`loader_client/shm.py`), so the batch's bytes are never copied after the worker wrote them.
+
+The segment's first page is a header: a magic string, the layout version and a per-server
+random nonce. A client proves it sees this very memory (not a same-named segment in another
+container or host) by echoing the nonce, which never crosses the network from the server.
+Every slot carries a generation, bumped each time it is handed out, so a release naming an
+older use of the slot is told apart from the current one.
+
+The server creates (mode 0600, only its user may map it) and unlinks every segment, so a
+worker killed mid-batch leaks nothing: its slot is simply reassigned.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import secrets
 from collections import deque
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
 import numpy as np
 
+from loader_client.protocol import NONCE_BYTES
+from loader_client.shm import HEADER, HEADER_VERSION, MAGIC
 from loader_server.config import ConfigError
 
 _ALIGN = 64
+HEADER_BYTES = 4096  # one page, so slots start page-aligned
 
 
 @dataclass(frozen=True)
@@ -46,10 +59,18 @@ class SlotLayout:
     batch_size: int
     slot_bytes: int
     arrays: tuple[ArrayLayout, ...]
+    base: int = HEADER_BYTES
+
+    @property
+    def total_bytes(self) -> int:
+        return self.base + self.nslots * self.slot_bytes
+
+    def slot_offset(self, slot: int) -> int:
+        return self.base + slot * self.slot_bytes
 
     def views(self, buf: memoryview, slot: int, rows: int) -> list[np.ndarray]:
         """Writable arrays of shape (rows, *sample_shape) over one slot."""
-        base = slot * self.slot_bytes
+        base = self.slot_offset(slot)
         out = []
         for a in self.arrays:
             start = base + a.offset
@@ -60,7 +81,7 @@ class SlotLayout:
 
     def frames(self, buf: memoryview, slot: int, rows: int) -> list[memoryview]:
         """Read-only byte views of the filled part of a slot, one per array, for zmq."""
-        base = slot * self.slot_bytes
+        base = self.slot_offset(slot)
         return [buf[base + a.offset: base + a.offset + rows * a.sample_bytes].toreadonly()
                 for a in self.arrays]
 
@@ -86,8 +107,7 @@ class SlotPool:
 
     def __init__(self, nslots: int, batch_size: int,
                  arrays: list[tuple[str, str, tuple[int, ...]]], name: str | None = None) -> None:
-        probe = plan_layout("", nslots, batch_size, arrays)
-        size = probe.slot_bytes * nslots
+        size = plan_layout("", nslots, batch_size, arrays).total_bytes
         self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         try:
             _reserve(self._shm.name, size)
@@ -97,6 +117,10 @@ class SlotPool:
             raise
         self.layout = plan_layout(self._shm.name, nslots, batch_size, arrays)
         self.buf = self._shm.buf
+        self.nonce = secrets.token_bytes(NONCE_BYTES)
+        HEADER.pack_into(self.buf, 0, MAGIC, HEADER_VERSION, self.nonce, nslots, self.layout.slot_bytes,
+                         self.layout.base)
+        self.generation = [0] * nslots
         self._free: deque[int] = deque(range(nslots))
 
     @property
@@ -104,7 +128,12 @@ class SlotPool:
         return len(self._free)
 
     def acquire(self) -> int | None:
-        return self._free.popleft() if self._free else None
+        """A free slot, its generation bumped: whatever named its previous use is now stale."""
+        if not self._free:
+            return None
+        slot = self._free.popleft()
+        self.generation[slot] += 1
+        return slot
 
     def release(self, slot: int) -> None:
         self._free.append(slot)
