@@ -464,6 +464,9 @@ class Connection:
         if code == "shm_refused":
             self._no_shm(text)
             return
+        if code == "bad_release":  # a bug, but only in bookkeeping: the batches already arrived
+            log.error("%s refused a slot release: %s", self.url, text)
+            return
         if code == "unknown_client":
             if self.info is not None and not self._rejoining:
                 self._rejoining = True

@@ -65,10 +65,10 @@ RETIRE_TIMEOUT_S = 10.0
 CLIENT_MAXMSGSIZE = protocol.MAX_REQUEST_BYTES
 WORKER_MAXMSGSIZE = BATCH * (FEATURES + 1) * 4 + protocol.MAX_REQUEST_BYTES
 
-TO_CLIENT = frozenset({"welcome", "batch", "pong", "stats_reply", "error"})
+TO_CLIENT = frozenset({"welcome", "batch", "slot", "attached", "pong", "stats_reply", "error"})
 TO_WORKER = frozenset({"setup", "task", "heartbeat", "rejoin", "stop"})
 ERROR_CODES = frozenset({"bad_message", "unknown_client", "unknown_dataset", "out_of_range",
-                         "credit_exceeded", "batch_failed"})
+                         "credit_exceeded", "batch_failed", "shm_refused", "bad_release"})
 
 # Server RSS may grow this much from the warm-up measurement to the end of the module. Measured
 # on the 2-core dev VM: 70 MB at start, 72.6 MB after the warm-up, then +0.3 MB over the three
@@ -298,6 +298,8 @@ VALID_TO_CLIENTS_ENDPOINT = {
                                      optional={"wait_s": seconds}),
     "cancel": st.fixed_dictionaries({"keep_epoch": epochs}),
     "ping": st.just({}), "stats": st.just({}), "bye": st.just({}),
+    "attach": st.fixed_dictionaries({"nonce": st.binary(min_size=protocol.NONCE_BYTES, max_size=protocol.NONCE_BYTES)}),
+    "release": st.fixed_dictionaries({"slots": st.lists(st.lists(nonneg, min_size=2, max_size=2), max_size=3)}),
 }
 assert set(VALID_TO_CLIENTS_ENDPOINT) == CLIENT_MESSAGES
 

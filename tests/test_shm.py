@@ -247,10 +247,10 @@ def test_forged_slot_release_and_wrong_nonce_are_refused_and_serving_goes_on(sta
         for forged in ([lent["slot"], lent["gen"] + 1], [(lent["slot"] + 1) % welcome["shm"]["nslots"], 1]):
             sock.send_multipart(protocol.encode("release", {"slots": [forged]}))
             reply = receive(sock)
-            assert reply.type == "error" and reply["code"] == "bad_message" and "not lent to you" in reply["message"]
+            assert reply.type == "error" and reply["code"] == "bad_release" and "not lent to you" in reply["message"]
         sock.send_multipart(protocol.encode("release", {"slots": [[lent["slot"], lent["gen"]]]}))
         sock.send_multipart(protocol.encode("release", {"slots": [[lent["slot"], lent["gen"]]]}))
-        assert receive(sock)["code"] == "bad_message", "a slot released twice is refused the second time"
+        assert receive(sock)["code"] == "bad_release", "a slot released twice is refused the second time"
         with BatchStream(server.endpoint, transport="shm") as honest:
             assert sorted(epoch_by_id(honest)) == list(range(n))
         stats = request_stats(server.endpoint)

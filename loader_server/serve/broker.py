@@ -287,16 +287,20 @@ class Broker:
         """Slots a client has finished reading. Only a slot lent to this client, at the generation
         it was lent at, is freed; anything else (forged, stale, another client's) is refused."""
         slots = client.dataset.slots
+        refused = []
         for slot, gen in pairs:
             if slots is None or client.leases.get(slot) != gen:
-                self.rejected["bad_release"] += 1
-                log.warning("client %s released slot %d generation %d, which it does not hold; refused",
-                            client.identity.hex(), slot, gen)
-                self._error(client.identity, "bad_message",
-                            f"slot {slot} (generation {gen}) is not lent to you; release only slots you were sent")
+                refused.append([slot, gen])
                 continue
             del client.leases[slot]
             self._unhold(client.identity, slots, slot)
+        if refused:
+            self.rejected["bad_release"] += len(refused)
+            log.warning("client %s released %d slot(s) it does not hold, e.g. slot %d generation %d; refused",
+                        client.identity.hex(), len(refused), *refused[0])
+            self._error(client.identity, "bad_release",
+                        f"slots {protocol.clip(str(refused), 200)} ([slot, generation]) are not lent to you; "
+                        "release only slots you were sent, once")
         if client.closed and not client.leases:
             self._drop_client(client.identity)
 

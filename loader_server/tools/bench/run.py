@@ -31,6 +31,14 @@ from typing import Any
 
 import numpy as np
 
+from loader_server.tools.bench.procs import (
+    READY,
+    peak_rss_mb,
+    start_cli,
+    stop,
+    wait_for_line,
+)
+from loader_server.tools.bench.serving import npyloader_run
 from loader_server.tools.bench.workload import (
     ROWS_PER_FILE,
     WORKLOADS,
@@ -41,8 +49,6 @@ from loader_server.tools.bench.workload import (
 
 log = logging.getLogger(__name__)
 
-READY = re.compile(r"serving .* at (tcp://\S+|ipc://\S+)")
-JOIN = re.compile(r"remote workers may join at (tcp://[^\s;]+)")
 CHILD_TIMEOUT_S = 900
 
 
@@ -70,6 +76,7 @@ class Report:
     ceilings: dict[str, float] = field(default_factory=dict)
     first_batch: dict[str, float] = field(default_factory=dict)
     server_rss_by_size: dict[str, float] = field(default_factory=dict)
+    routing: list[dict[str, Any]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
 
 
@@ -104,103 +111,6 @@ def measure(epochs: Callable[[int], Iterator[tuple[np.ndarray, ...]]], repeats: 
     return best
 
 
-def _status_mb(pid: int | str, field_name: str) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field_name)) / 1024
-    except (OSError, StopIteration):
-        return 0.0
-
-
-def peak_rss_mb(pid: int | str = "self") -> float:
-    """Peak resident memory; it includes file pages a process has memory-mapped (page cache)."""
-    return _status_mb(pid, "VmHWM")
-
-
-def private_mb(pid: int | str = "self") -> float:
-    """Anonymous resident memory: what the process allocated itself, without mapped file pages."""
-    return _status_mb(pid, "RssAnon")
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        kids.append(int(entry))
-            except OSError:
-                continue
-    return kids
-
-
-def _cli(*args: str, log_path: Path) -> subprocess.Popen:
-    with open(log_path, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "loader_server.cli", *args], stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def _wait_for_line(proc: subprocess.Popen, log_path: Path, pattern: re.Pattern, timeout: float = 180.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = pattern.search(log_path.read_text())
-        if found:
-            return found.group(1)
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-        time.sleep(0.05)
-    raise TimeoutError(f"no ready line within {timeout:g}s; see {log_path}")
-
-
-def _stop(*procs: subprocess.Popen | None) -> None:
-    for proc in procs:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def _npyloader(spec: dict[str, Any], folder: Path, wl: Workload, tmp: Path) -> tuple[Callable, Callable]:
-    """Start a server (and a remote worker if asked); epochs come from a BatchStream."""
-    from loader_client import BatchStream, request_stats
-
-    bind = f"ipc://{tmp}/clients" if spec["transport"] == "ipc" else "tcp://127.0.0.1:0"
-    args = ["serve", "--data", str(folder), "--label-column", "-1", "--x-shape", f"{wl.side},{wl.side}",
-            "--batch-size", str(ROWS_PER_FILE), "--workers", str(spec["workers"]), "--bind", bind,
-            "--index-cache", str(tmp / "cache")]
-    for op in wl.augment:
-        args += ["--augment", op]
-    if spec.get("remote"):
-        args += ["--worker-bind", "tcp://127.0.0.1:0"]
-    server = _cli(*args, log_path=tmp / "server.log")
-    worker = None
-    url = _wait_for_line(server, tmp / "server.log", READY)
-    if spec.get("remote"):
-        joined = JOIN.search((tmp / "server.log").read_text()).group(1)
-        worker = _cli("worker", "--connect", joined, "--processes", str(spec["remote"]), log_path=tmp / "worker.log")
-        deadline = time.monotonic() + 120
-        while len(request_stats(url)["workers"]["list"]) < spec["workers"] + spec["remote"]:
-            if time.monotonic() > deadline or worker.poll() is not None:
-                raise RuntimeError(f"the remote worker did not join: {(tmp / 'worker.log').read_text()[-1000:]}")
-            time.sleep(0.05)
-    stream = BatchStream(url, timeout=120, prefetch=16)
-
-    def close() -> dict:
-        stream.close()
-        workers = _children(server.pid)
-        memory = {"server_rss_mb": peak_rss_mb(server.pid),
-                  "worker_rss_mb": max((peak_rss_mb(p) for p in workers), default=0.0),
-                  "server_private_mb": private_mb(server.pid) + sum(private_mb(p) for p in workers)}
-        _stop(worker, server)
-        return memory
-
-    return (lambda e: iter(stream)), close
-
-
 def run_child(spec: dict[str, Any]) -> Result:
     """Measure one loader on one workload in this (fresh) process."""
     wl = Workload(**{**spec["workload"], "augment": tuple(spec["workload"]["augment"])})
@@ -210,7 +120,7 @@ def run_child(spec: dict[str, Any]) -> Result:
         if kind == "tutorial":
             epochs, close = (lambda e: tutorial_epoch(folder, wl, e)), (lambda: {})
         elif kind == "npyloader":
-            epochs, close = _npyloader(spec, folder, wl, Path(tmp))
+            epochs, close = npyloader_run(spec, folder, wl, Path(tmp))
         else:
             from loader_server.tools.bench import baselines as bench_baselines
 
@@ -258,6 +168,13 @@ def loader_specs(workers: int, max_workers: int) -> list[tuple[str, dict[str, An
     for n in range(1, max_workers + 1):
         specs.append((f"npyloader tcp, {n} worker{'s' * (n > 1)}", {"loader": "npyloader", "workers": n, "transport": "tcp"}))
     specs.append((f"npyloader ipc, {workers} workers", {"loader": "npyloader", "workers": workers, "transport": "ipc"}))
+    for n in range(1, max_workers + 1):
+        specs.append((f"npyloader shm, {n} worker{'s' * (n > 1)}", {"loader": "npyloader", "workers": n, "transport": "shm"}))
+    shm = {"loader": "npyloader", "workers": workers, "transport": "shm"}
+    specs.append((f"npyloader shm, {workers} workers, consumer copies each batch", {**shm, "copy": True}))
+    specs.append((f"npyloader shm, {workers} workers, 4 clients at once (aggregate)", {**shm, "clients": 4}))
+    specs.append((f"npyloader shm, {workers} workers, through Keras", {**shm, "keras": True}))
+    specs.append((f"npyloader tcp, {workers} workers, through Keras", {**shm, "transport": "tcp", "keras": True}))
     specs += [(key, {"loader": key, "workers": workers}) for key in BASELINES]
     return specs
 
@@ -297,6 +214,9 @@ def run(workloads: list[str], workers: int, repeats: int, quick: bool) -> Report
                            "memcpy": bench_ceilings.memcpy(frame, seconds) / 1e6}
         report.first_batch = first_batch_times(root / "small", 5_000 if quick else 100_000)
         report.server_rss_by_size = server_rss_by_size(root, repeats, quick)
+    from loader_server.tools.bench import broker
+
+    report.routing = [asdict(r) for r in broker.run(1.0 if quick else 5.0)]
     return report
 
 
@@ -310,16 +230,16 @@ def first_batch_times(folder: Path, count: int) -> dict[str, float]:
     cache = folder.parent / "index-cache"
     for label in ("cold start", "from the index cache"):
         started = time.perf_counter()
-        server = _cli("serve", "--data", str(folder), "--layout", "per-sample", "--labels",
+        server = start_cli("serve", "--data", str(folder), "--layout", "per-sample", "--labels",
                       str(folder.parent / "small-labels.npy"), "--batch-size", "64", "--workers", "1",
                       "--bind", "tcp://127.0.0.1:0", "--index-cache", str(cache), log_path=folder.parent / "small.log")
         try:
-            url = _wait_for_line(server, folder.parent / "small.log", READY)
+            url = wait_for_line(server, folder.parent / "small.log", READY)
             with BatchStream(url, timeout=120) as stream:
                 next(iter(stream))
             times[f"{count:,} files, {label}"] = time.perf_counter() - started
         finally:
-            _stop(server)
+            stop(server)
     return times
 
 
@@ -379,6 +299,13 @@ def markdown(report: Report, command: str, image: str | None = None) -> str:
                   "pages are page cache, shared and reclaimable, so they are not counted here.", "",
                   "| dataset | server + workers private MB |", "|---|---:|"]
         lines += [f"| {k} | {v:,.0f} |" for k, v in report.server_rss_by_size.items()] + [""]
+    if report.routing:
+        lines += ["### Routing: tiny batches, the server's own CPU per batch", "",
+                  "One-sample batches (32 bytes), so routing is all the work there is: the server process's CPU "
+                  "per batch bounds how many batches one server routes (see PERFORMANCE.md's capacity model).", "",
+                  "| case | batches/s | server CPU µs per batch | server CPU share of a core |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['case']} | {r['batches_per_s']:,.0f} | {r['server_cpu_us_per_batch']:,.0f} | "
+                  f"{r['server_cpu_share']:.0%} |" for r in report.routing] + [""]
     if report.skipped:
         lines += ["### Not measured here", ""] + [f"- {k}: {v}" for k, v in report.skipped.items()] + [""]
     lines += ["### Targets", ""] + [f"- {t}" for t in targets(report)]
