@@ -739,11 +739,11 @@ def readable(frames: Frames) -> protocol.Message | None:
 
 
 def session_error(msg: protocol.Message, welcomed: bool) -> type[Exception] | None:
-    """The exception an error reply ends the session with, or None if it is about one batch or
-    asks the client to say hello again. A `bad_message` before the welcome means the client's own
+    """The exception an error reply ends the session with, or None if it is about one batch, asks
+    the client to say hello again, or concerns shared memory (refused: the socket serves on). A `bad_message` before the welcome means the client's own
     hello was refused."""
     code = msg["code"]
-    if code == "unknown_client":
+    if code in ("unknown_client", "shm_refused", "bad_release"):  # a client on the socket reads on
         return None
     if code == "unknown_dataset" or (code == "bad_message" and not welcomed):
         return ValueError
