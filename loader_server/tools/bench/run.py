@@ -353,6 +353,25 @@ loader has workers, and for `aug` the tutorial's own cubic `scipy.ndimage.rotate
 sample (the pure-TF pipeline can only rotate bilinearly, which is cheaper). `io` is 4,096 samples
 of 128x128 (256 MiB), `aug` 4,096 of 64x64. Each loader runs in a fresh child process; a figure is
 the best of the timed epochs after one warm-up epoch (files in the page cache for everyone).
+
+The peers deliver the plan's own batches, order and rotation, not their library's shuffle:
+Keras `PyDataset` with threads or `use_multiprocessing` (its `__getitem__` builds a whole batch;
+queue of 16), iterated through Keras's adapter as `fit` does on the JAX and NumPy backends;
+tf.data running the same Python batch function (`numpy_function`), and pure TF; torch
+`DataLoader` per sample (`batch_size=64`, a sampler in the plan's order, numpy collate) and with
+a batch per item (`__getitem__` returns the plan's whole batch, `batch_size=None`: no per-sample
+indexing, no collate), both with persistent workers; Google Grain's Dataset API,
+`MapDataset.source -> map(rotate) -> batch(64) -> to_iter_dataset(ReadOptions(num_threads=0,
+prefetch_buffer_size=0)) -> mp_prefetch(num_workers=2, per_worker_buffer_size=8)`, one iterator
+across epochs (0 read threads as `ReadOptions` advises for data in memory; 16 batches buffered in
+all, as Keras's queue; `grain.DataLoader` is not used because it batches inside each worker after
+dealing samples round-robin, so its batches are not the plan's). Rows ending "through fit" are
+what `model.fit` receives on the TensorFlow backend: the same loader handed to fit
+(`shuffle=False`), each batch pulled through Keras's own `TFEpochIterator` and data adapter
+(PyDataset, torch DataLoader, Grain), that is through `adapter.get_tf_dataset()`, as tensors.
+tf.data rows need no such row: fit iterates a dataset as given. Rows whose package is missing
+(torch, grain) are listed under "Not measured here".
+
 "Trainer" columns are that process's own CPU seconds per GB received and its peak RSS; server
 columns are the npyloader server's and its largest worker's peak RSS, which include mapped file
 pages (page cache). Analysis of the figures: [PERFORMANCE.md](PERFORMANCE.md)."""
