@@ -24,6 +24,11 @@ def test_bench_quick_writes_the_report_json_and_plot_for_every_loader(tmp_path):
         assert {(workload, "tutorial generator (in-process)"), (workload, "npyloader tcp"),
                 (workload, "npyloader ipc"), (workload, "keras PyDataset"), (workload, "tf.data numpy_function")} <= loaders
     assert ("aug", "npyloader tcp") in loaders and any("remote" in r["loader"] for r in report["results"])
+    assert {r["workload"] for r in report["results"] if r["loader"].endswith(", through fit")} == {"io", "aug"}
+    for workload in ("io", "aug"):
+        for key, name in (("torch-batch", "torch DataLoader, a batch per item"), ("grain", "grain MapDataset")):
+            measured = any(r["workload"] == workload and r["loader"].startswith(name) for r in report["results"])
+            assert measured or f"{workload}: {key}" in report["skipped"]
     assert all(r["samples_per_s"] > 0 and r["mb_per_s"] > 0 for r in report["results"])
     assert set(report["ceilings"]) == {"raw pyzmq tcp", "raw pyzmq ipc", "memcpy"}
     assert len(report["first_batch"]) == 2 and len(report["server_rss_by_size"]) == 2

@@ -1,10 +1,11 @@
 """The benchmark's baseline loaders deliver npyloader's batch plan, and its ceilings measure.
 
 A comparison is only fair if every loader does the same work: every sample once per epoch, in
-a new per-sample order each epoch, each sample read from its row and augmented on its own. And a
-benchmark that leaves pools or processes behind skews whatever is measured after it. The label
-column of the test files holds each row's global sample id, so a batch says which samples it
-carries.
+a new per-sample order each epoch, each sample read from its row and augmented on its own. That
+holds for each loader's row through `model.fit` too (the same batches, pulled through Keras's own
+adapter). And a benchmark that leaves pools or processes behind skews whatever is measured after
+it. The label column of the test files holds each row's global sample id, so a batch says which
+samples it carries. torch and Grain are optional: their rows are skipped, saying why, without them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ import pytest
 from scipy import ndimage
 
 from loader_server.tools.bench import ceilings as bench_ceilings
-from loader_server.tools.bench.baselines import ALL, Baseline, BaselineUnavailable
+from loader_server.tools.bench import run as bench_run
+from loader_server.tools.bench.baselines import (
+    ALL,
+    FIT_LOADERS,
+    Baseline,
+    BaselineUnavailable,
+)
 from loader_server.tools.bench.workload import Workload, write_files
 from tests.conftest import children_but_resource_tracker
 
@@ -29,7 +36,11 @@ IO = Workload("io", 16, 128, ())
 WORKERS = 2
 # Loaders that run the plan's own permutation and per-sample generators; tf.data pure TF uses
 # TensorFlow's shuffle and coin instead, so only its coverage and rate of rotation are checked.
-FOLLOWS_THE_PLAN = {"keras-threads", "keras-processes", "tf-numpy-function", "torch"}
+FOLLOWS_THE_PLAN = set(ALL) - {"tf-pure"}
+# The adapter `fit` itself would wrap each loader's input in.
+FIT_ADAPTERS = {"keras-threads": "PyDatasetAdapter", "keras-processes": "PyDatasetAdapter",
+                "torch-per-sample": "TorchDataLoaderAdapter", "torch-batch": "TorchDataLoaderAdapter",
+                "grain": "GrainDatasetAdapter"}
 
 Batch = tuple[np.ndarray, np.ndarray]
 
@@ -60,6 +71,12 @@ def build(key: str, folder: Path, wl: Workload) -> Baseline:
         return ALL[key](folder, wl, WORKERS)
     except BaselineUnavailable as e:
         pytest.skip(str(e))
+
+
+def test_the_runner_measures_every_baseline_and_each_fit_row():
+    assert sorted(bench_run.BASELINES) == sorted(ALL)
+    assert {f"{key}-fit" for key in FIT_LOADERS} <= set(ALL)
+    assert set(FIT_ADAPTERS) == set(FIT_LOADERS)
 
 
 @dataclass
@@ -152,6 +169,26 @@ def test_close_ends_the_open_epoch_and_leaves_no_process_behind(run: Run):
 def test_names_say_the_worker_count(run: Run):
     assert f"{WORKERS} " in run.name
     assert ("bilinear" in run.name) == (run.key == "tf-pure")
+    assert run.name.endswith(", through fit") == run.key.endswith("-fit")
+
+
+@pytest.mark.parametrize("key", sorted(FIT_LOADERS))
+def test_each_fit_row_hands_fit_what_fit_wraps_in_that_loaders_own_adapter(key: str, aug_rows: tuple[Path, np.ndarray]):
+    """The row through fit measures Keras's real adapter for the loader, not a stand-in."""
+    from keras.src.trainers.data_adapters import get_data_adapter
+
+    before = own_children()
+    try:
+        loader = FIT_LOADERS[key](aug_rows[0], AUG, WORKERS)
+    except BaselineUnavailable as e:
+        pytest.skip(str(e))
+    fit_input = loader.start(0)
+    try:
+        adapter = get_data_adapter(fit_input.x, steps_per_epoch=fit_input.steps_per_epoch, shuffle=False)
+        assert type(adapter).__name__ == FIT_ADAPTERS[key]
+    finally:
+        fit_input.stop()
+    assert own_children() - before == set()
 
 
 @pytest.mark.parametrize("key", sorted(ALL))

@@ -82,6 +82,10 @@ def test_every_message_type_round_trips_with_its_required_fields():
                   "datasets": [{"name": "train", "fingerprint": "ab", "manifest": [["a.npy", 128]]}]},
         "refused": {"message": "dataset 'train': file #0 differs"},
         "heartbeat": {}, "rejoin": {},
+        "attach": {"nonce": bytes(range(protocol.NONCE_BYTES))},
+        "attached": {"max_held": 16},
+        "slot": {"epoch": 0, "index": 3, "slot": 7, "gen": 2, "rows": 16},
+        "release": {"slots": [[7, 2], [1, 9]]},
     }
     assert set(examples) == set(protocol.SCHEMAS)
     for mtype, fields in examples.items():

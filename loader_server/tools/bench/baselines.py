@@ -1,216 +1,55 @@
 """The loaders a Keras user would otherwise pick, built to deliver npyloader's batch plan for `npyloader bench`.
 
 A throughput figure for npyloader means little without the alternatives doing the same work on
-the same files, so every baseline here follows the plan that bench.py fixes, not its own
-library's habits:
-
-- all `wl.samples` samples per epoch, as batches of 64 `(x, y)`, x float32 (64, side, side),
-  y float32 (64,);
-- a per-sample shuffle: batch i of epoch e is `perm[64*i : 64*(i+1)]` with
-  `perm = np.random.default_rng(e).permutation(samples)`;
-- samples gathered row by row from memory maps (`np.load(path, mmap_mode="r")`, opened once per
-  process), never by loading whole files;
-- the workload's `rotate` augmentation per sample: a coin `rng.random() < p`, then an angle
-  `rng.uniform(-degrees, degrees)`, from `np.random.default_rng([epoch, sample_id])`, applied with
-  `scipy.ndimage.rotate(x, angle, reshape=False, order=...)`. The same work as npyloader's
-  workers, not bit-identical output (npyloader seeds its generators differently).
+the same files, so every baseline follows the plan that plan.py states, not its own library's
+habits: the same samples per epoch in the same per-sample shuffled order, batches of 64, each
+sample gathered from a memory map and rotated with its own generator.
 
 The one exception is `tf_data_pure`, which has no Python in the loop and so uses TensorFlow's own
 shuffle, coin and (bilinear) rotation; its name says so.
 
-Each builder returns a `Baseline` whose `epoch(n)` yields numpy arrays as a trainer would receive
-them, so bench.py times every loader the same way, and whose `close()` ends any epoch still open
-and stops every pool, thread and process the loader started. Nothing is measured here.
+Here: Keras's PyDataset (threads, processes) and tf.data; torch and Grain live in their own
+modules (both optional). `ALL` names every row the bench can measure, and `FIT_LOADERS` the
+loaders that also get a row through `model.fit` (via_fit.py): one entry each. Each builder
+returns a `Baseline` whose `epoch(n)` yields numpy arrays as a trainer would receive them, so the
+runner times every loader the same way, and whose `close()` ends any epoch still open and stops
+every pool, thread and process the loader started. Nothing is measured here.
 """
 
 from __future__ import annotations
 
-import logging
-import weakref
-from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
+import importlib
+from collections.abc import Callable, Generator
+from functools import partial
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
-from scipy import ndimage
 
-from loader_server.data.augment import Rotate, build_pipeline
-from loader_server.tools.bench.workload import ROWS_PER_FILE, Workload
-
-log = logging.getLogger(__name__)
-
-BATCH = ROWS_PER_FILE
-KERAS_QUEUE = 16
-Batch = tuple[np.ndarray, np.ndarray]
-NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0,
-                      (2, 0): np.lib.format.read_array_header_2_0}
-
-
-class BaselineUnavailable(RuntimeError):
-    """A baseline that cannot run here (a package is missing); the message says how to enable it."""
-
-
-@dataclass
-class Baseline:
-    name: str
-    epoch: Callable[[int], Iterator[Batch]]
-    close: Callable[[], None]
-
-
-@dataclass(frozen=True)
-class NpyHeader:
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    offset: int
-
-
-def read_header(path: Path) -> NpyHeader:
-    """Shape, dtype and data offset of a C-ordered .npy file, reading only its header."""
-    with open(path, "rb") as f:
-        version = np.lib.format.read_magic(f)
-        if version not in NPY_HEADER_READERS:
-            raise ValueError(f"{path}: .npy format version {version} is not supported here")
-        shape, fortran_order, dtype = NPY_HEADER_READERS[version](f)
-        if fortran_order:
-            raise ValueError(f"{path}: Fortran-ordered arrays cannot be gathered row by row")
-        return NpyHeader(shape, dtype, f.tell())
-
-
-def rotation_of(wl: Workload) -> Rotate | None:
-    """The workload's rotate op, validated by npyloader's own parser (same defaults and checks)."""
-    ops = build_pipeline(list(wl.augment), spatial_targets=False).ops
-    if not ops:
-        return None
-    if len(ops) != 1 or not isinstance(ops[0], Rotate):
-        raise ValueError(f"the baselines implement a single rotate op, not {list(wl.augment)}")
-    return ops[0]
-
-
-class PlanRowReader:
-    """Gathers and augments the plan's samples from memory maps.
-
-    Picklable (the maps are dropped and reopened), so a pool that spawns rather than forks can
-    take it; a forked worker inherits the parent's maps instead of reopening them.
-    """
-
-    def __init__(self, folder: Path, wl: Workload) -> None:
-        self.paths = sorted(Path(folder).glob("*.npy"))
-        if not self.paths:
-            raise FileNotFoundError(f"no .npy files in {folder}; write them with bench.write_files")
-        rows = [self._rows(path, wl.side) for path in self.paths]
-        self.starts = np.concatenate([[0], np.cumsum(rows)])
-        if self.starts[-1] != wl.samples or wl.samples % BATCH:
-            raise ValueError(f"{folder} holds {self.starts[-1]} samples; the workload wants {wl.samples}, "
-                             f"a multiple of {BATCH}")
-        self.side = wl.side
-        self.samples = wl.samples
-        self.rotation = rotation_of(wl)
-        self._perm: tuple[int, np.ndarray] = (-1, np.empty(0, np.int64))
-        self._maps = self._open()
-
-    @staticmethod
-    def _rows(path: Path, side: int) -> int:
-        header = read_header(path)
-        if header.dtype != np.dtype("<f4") or len(header.shape) != 2 or header.shape[1] != side * side + 1:
-            raise ValueError(f"{path}: expected little-endian float32 rows of {side * side + 1} values, "
-                             f"got {header.dtype} {header.shape}")
-        return header.shape[0]
-
-    def _open(self) -> list[np.ndarray]:
-        return [np.load(path, mmap_mode="r") for path in self.paths]
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_maps": None}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._maps = self._open()
-
-    @property
-    def num_batches(self) -> int:
-        return self.samples // BATCH
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        cached_epoch, perm = self._perm
-        if cached_epoch != epoch:
-            perm = np.random.default_rng(epoch).permutation(self.samples)
-            self._perm = (epoch, perm)
-        return perm
-
-    def batch(self, epoch: int, index: int) -> Batch:
-        """Batch `index` of `epoch`: 64 rows gathered one by one, each augmented on its own."""
-        ids = self.permutation(epoch)[BATCH * index:BATCH * (index + 1)]
-        x = np.empty((len(ids), self.side, self.side), np.float32)
-        y = np.empty(len(ids), np.float32)
-        for j, sample_id in enumerate(ids):
-            y[j] = self._read_into(int(sample_id), x[j])
-            rotated = self._rotated(epoch, int(sample_id), x[j])
-            if rotated is not None:
-                x[j] = rotated
-        return x, y
-
-    def sample(self, epoch: int, sample_id: int) -> tuple[np.ndarray, np.float32]:
-        x = np.empty((self.side, self.side), np.float32)
-        y = self._read_into(sample_id, x)
-        rotated = self._rotated(epoch, sample_id, x)
-        return (x if rotated is None else rotated), y
-
-    def _read_into(self, sample_id: int, out: np.ndarray) -> np.float32:
-        """Copy one sample's features into `out` (one copy from the page cache); return its label."""
-        f = int(np.searchsorted(self.starts, sample_id, side="right")) - 1
-        row = self._maps[f][sample_id - self.starts[f]]
-        out[...] = row[:-1].reshape(self.side, self.side)
-        return row[-1]
-
-    def _rotated(self, epoch: int, sample_id: int, x: np.ndarray) -> np.ndarray | None:
-        """x rotated if the sample's coin says so, else None (x is then used as it is)."""
-        rot = self.rotation
-        if rot is None:
-            return None
-        rng = np.random.default_rng([epoch, sample_id])
-        if rng.random() >= rot.p:
-            return None
-        angle = rng.uniform(-rot.degrees, rot.degrees)
-        return ndimage.rotate(x, angle, reshape=False, order=rot.order, mode=rot.mode)
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def _check_workers(workers: int) -> None:
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
-
-
-def _baseline(name: str, epochs: Callable[[int], Generator[Batch, None, None]],
-              stop: Callable[[], None] = lambda: None) -> Baseline:
-    """Wrap an epoch generator so that close() first ends any epoch still open, then `stop`s."""
-    open_epochs: weakref.WeakSet[Generator[Batch, None, None]] = weakref.WeakSet()
-    closed = False
-
-    def epoch(n: int) -> Iterator[Batch]:
-        if closed:
-            raise RuntimeError(f"{name}: epoch({n}) after close()")
-        batches = epochs(n)
-        open_epochs.add(batches)
-        return batches
-
-    def close() -> None:
-        nonlocal closed
-        if closed:
-            return
-        closed = True
-        for batches in list(open_epochs):
-            batches.close()
-        stop()
-        log.debug("%s: closed", name)
-
-    return Baseline(name, epoch, close)
+from loader_server.tools.bench import torch_loaders
+from loader_server.tools.bench.harness import (
+    PREFETCH_BATCHES,
+    Baseline,
+    BaselineUnavailable,
+    FitInput,
+    FitLoader,
+    check_workers,
+    count,
+    make_baseline,
+)
+from loader_server.tools.bench.plan import (
+    BATCH,
+    Batch,
+    PlanRowReader,
+    read_header,
+    rotation_of,
+)
+from loader_server.tools.bench.via_fit import through_fit
+from loader_server.tools.bench.workload import Workload
 
 
 class PlanPyDataset(keras.utils.PyDataset):
@@ -221,7 +60,7 @@ class PlanPyDataset(keras.utils.PyDataset):
     """
 
     def __init__(self, reader: PlanRowReader, workers: int, use_multiprocessing: bool) -> None:
-        super().__init__(workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=KERAS_QUEUE)
+        super().__init__(workers=workers, use_multiprocessing=use_multiprocessing, max_queue_size=PREFETCH_BATCHES)
         self.reader = reader
         self.epoch = 0
 
@@ -252,13 +91,27 @@ def _record_pools(adapter: PyDatasetAdapter, pools: list[Any]) -> None:
     adapter.enqueuer.executor_fn = make_and_record
 
 
-def _pydataset(folder: Path, wl: Workload, workers: int, use_multiprocessing: bool, name: str) -> Baseline:
-    """Iterated as `fit` does, through Keras's own adapter: begin, numpy iterator, end.
+def _reap(pools: list[Any]) -> None:
+    for pool in pools:
+        pool.terminate()
+        pool.join()
+    pools.clear()
+
+
+def _pydataset_name(workers: int, use_multiprocessing: bool) -> str:
+    if use_multiprocessing:
+        return f"keras PyDataset, use_multiprocessing, {count(workers, 'worker')}"
+    return f"keras PyDataset, {count(workers, 'thread')}"
+
+
+def _pydataset(folder: Path, wl: Workload, workers: int, use_multiprocessing: bool) -> Baseline:
+    """Iterated as `fit` does on the JAX and NumPy backends, through Keras's own adapter: begin,
+    numpy iterator, end. (The TensorFlow backend's path is the row through fit, via_fit.py.)
 
     A fresh adapter per epoch (Keras makes a fresh pool per epoch anyway) so that an epoch
     abandoned half-way cannot leave batches in the enqueuer's queue for the next one.
     """
-    _check_workers(workers)
+    check_workers(workers)
     dataset = PlanPyDataset(PlanRowReader(folder, wl), workers, use_multiprocessing)
     pools: list[Any] = []
 
@@ -272,22 +125,37 @@ def _pydataset(folder: Path, wl: Workload, workers: int, use_multiprocessing: bo
         finally:
             adapter.on_epoch_end()
 
-    def stop() -> None:
-        for pool in pools:
-            pool.terminate()
-            pool.join()
-        pools.clear()
-
-    return _baseline(name, epoch, stop)
+    return make_baseline(_pydataset_name(workers, use_multiprocessing), epoch, lambda: _reap(pools))
 
 
 def pydataset_threads(folder: Path, wl: Workload, workers: int) -> Baseline:
-    return _pydataset(folder, wl, workers, False, f"keras PyDataset, {_count(workers, 'thread')}")
+    return _pydataset(folder, wl, workers, False)
 
 
 def pydataset_processes(folder: Path, wl: Workload, workers: int) -> Baseline:
-    name = f"keras PyDataset, use_multiprocessing, {_count(workers, 'worker')}"
-    return _pydataset(folder, wl, workers, True, name)
+    return _pydataset(folder, wl, workers, True)
+
+
+def pydataset_fit_loader(folder: Path, wl: Workload, workers: int, use_multiprocessing: bool) -> FitLoader:
+    """`fit(dataset, shuffle=False)`: the adapter fit would build, handed over ready made so that
+    its pools are recorded; `on_epoch_end` advances the epoch as in training, and the epoch is
+    also set at each start so that `epoch(n)` delivers epoch n."""
+    check_workers(workers)
+    reader = PlanRowReader(folder, wl)
+
+    def start(first_epoch: int) -> FitInput:
+        dataset = PlanPyDataset(reader, workers, use_multiprocessing)
+        adapter = PyDatasetAdapter(dataset, shuffle=False)
+        pools: list[Any] = []
+        _record_pools(adapter, pools)
+
+        def set_epoch(n: int) -> None:
+            dataset.epoch = n
+
+        set_epoch(first_epoch)
+        return FitInput(adapter, on_epoch_begin=set_epoch, stop=lambda: _reap(pools))
+
+    return FitLoader(_pydataset_name(workers, use_multiprocessing), start)
 
 
 def _with_threads(ds: tf.data.Dataset, workers: int) -> tf.data.Dataset:
@@ -309,7 +177,7 @@ def _tf_epochs(ds: tf.data.Dataset, epoch_var: tf.Variable) -> Callable[[int], G
 
 def tf_data_numpy_function(folder: Path, wl: Workload, workers: int) -> Baseline:
     """tf.data driving the same Python batch function through `tf.numpy_function` (GIL-bound)."""
-    _check_workers(workers)
+    check_workers(workers)
     reader = PlanRowReader(folder, wl)
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
 
@@ -325,8 +193,8 @@ def tf_data_numpy_function(folder: Path, wl: Workload, workers: int) -> Baseline
     ds = (tf.data.Dataset.range(reader.num_batches)
           .map(fetch, num_parallel_calls=tf.data.AUTOTUNE)
           .prefetch(tf.data.AUTOTUNE))
-    name = f"tf.data numpy_function, {_count(workers, 'thread')}"
-    return _baseline(name, _tf_epochs(_with_threads(ds, workers), epoch_var))
+    name = f"tf.data numpy_function, {count(workers, 'thread')}"
+    return make_baseline(name, _tf_epochs(_with_threads(ds, workers), epoch_var))
 
 
 def _tf_rotation(wl: Workload) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]:
@@ -349,7 +217,7 @@ def tf_data_pure(folder: Path, wl: Workload, workers: int) -> Baseline:
     The shuffle needs every sample in its buffer before the first batch: tf.data's way of
     shuffling per sample, not a choice made here.
     """
-    _check_workers(workers)
+    check_workers(workers)
     paths = PlanRowReader(folder, wl).paths
     header = read_header(paths[0])
     payload = int(np.prod(header.shape)) * 4
@@ -381,81 +249,29 @@ def tf_data_pure(folder: Path, wl: Workload, workers: int) -> Baseline:
           .flat_map(one_epoch)
           .prefetch(tf.data.AUTOTUNE))
     kind = "tf.data pure TF (bilinear rotate)" if wl.augment else "tf.data pure TF"
-    return _baseline(f"{kind}, {_count(workers, 'thread')}", _tf_epochs(_with_threads(ds, workers), epoch_var))
+    return make_baseline(f"{kind}, {count(workers, 'thread')}", _tf_epochs(_with_threads(ds, workers), epoch_var))
 
 
-class TorchSamples:
-    """A map-style dataset for torch's DataLoader: index (epoch, sample id) -> one sample.
-
-    The epoch travels in the index because persistent workers keep the copy of the dataset
-    they started with. Duck-typed (DataLoader needs only `__getitem__` and `__len__`) so that
-    this module imports without torch and stays picklable for spawned workers.
-    """
-
-    def __init__(self, reader: PlanRowReader) -> None:
-        self.reader = reader
-
-    def __len__(self) -> int:
-        return self.reader.samples
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[np.ndarray, np.float32]:
-        return self.reader.sample(*key)
-
-
-class EpochSampler:
-    """The plan's per-sample permutation for the epoch set before each `iter(loader)`."""
-
-    def __init__(self, reader: PlanRowReader) -> None:
-        self.reader = reader
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return self.reader.samples
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch
-        return iter([(epoch, int(s)) for s in self.reader.permutation(epoch)])
-
-
-def _torch_worker_init(worker_id: int) -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def _collate(samples: list[tuple[np.ndarray, np.float32]]) -> tuple[Any, Any]:
-    """Stack into numpy, handed over as tensors so the batch crosses to the trainer in shared
-    memory, as torch's default collate would do (a numpy batch would be pickled through a pipe)."""
-    import torch
-
-    x = np.stack([s[0] for s in samples])
-    y = np.array([s[1] for s in samples], np.float32)
-    return torch.from_numpy(x), torch.from_numpy(y)
-
-
-def torch_dataloader(folder: Path, wl: Workload, workers: int) -> Baseline:
+def _optional(module: str, package: str) -> ModuleType:
+    """A bench module that needs an optional package, or BaselineUnavailable saying how to get it."""
     try:
-        from torch.utils.data import DataLoader
-    except ImportError as e:
-        raise BaselineUnavailable("torch is not installed: pip install torch") from e
-    _check_workers(workers)
-    reader = PlanRowReader(folder, wl)
-    sampler = EpochSampler(reader)
-    loader = DataLoader(TorchSamples(reader), batch_size=BATCH, sampler=sampler, num_workers=workers,
-                        persistent_workers=True, collate_fn=_collate, worker_init_fn=_torch_worker_init)
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name != package:
+            raise
+        raise BaselineUnavailable(f"{package} is not installed: pip install {package}") from e
 
-    def epoch(n: int) -> Generator[Batch, None, None]:
-        sampler.epoch = n
-        for x, y in loader:
-            yield x.numpy(), y.numpy()
 
-    def stop() -> None:
-        workers_iter = getattr(loader, "_iterator", None)
-        if workers_iter is not None:
-            workers_iter._shutdown_workers()
-            loader._iterator = None
+def grain_dataset(folder: Path, wl: Workload, workers: int) -> Baseline:
+    return _optional("loader_server.tools.bench.grain_loader", "grain").grain_dataset(folder, wl, workers)
 
-    return _baseline(f"torch DataLoader, {_count(workers, 'worker')}", epoch, stop)
+
+def grain_fit_loader(folder: Path, wl: Workload, workers: int) -> FitLoader:
+    return _optional("loader_server.tools.bench.grain_loader", "grain").fit_loader(folder, wl, workers)
+
+
+def _through_fit(key: str, folder: Path, wl: Workload, workers: int) -> Baseline:
+    return through_fit(FIT_LOADERS[key](folder, wl, workers))
 
 
 ALL: dict[str, Callable[[Path, Workload, int], Baseline]] = {
@@ -463,5 +279,18 @@ ALL: dict[str, Callable[[Path, Workload, int], Baseline]] = {
     "keras-processes": pydataset_processes,
     "tf-numpy-function": tf_data_numpy_function,
     "tf-pure": tf_data_pure,
-    "torch": torch_dataloader,
+    "torch-per-sample": torch_loaders.torch_per_sample,
+    "torch-batch": torch_loaders.torch_batch,
+    "grain": grain_dataset,
 }
+
+# Loaders with a path through `model.fit` other than iterating them as they are (a tf.data
+# dataset is what fit iterates): each gets a "<key>-fit" row. One entry adds one.
+FIT_LOADERS: dict[str, Callable[[Path, Workload, int], FitLoader]] = {
+    "keras-threads": partial(pydataset_fit_loader, use_multiprocessing=False),
+    "keras-processes": partial(pydataset_fit_loader, use_multiprocessing=True),
+    "torch-per-sample": partial(torch_loaders.fit_loader, per_sample=True),
+    "torch-batch": partial(torch_loaders.fit_loader, per_sample=False),
+    "grain": grain_fit_loader,
+}
+ALL.update({f"{key}-fit": partial(_through_fit, key) for key in FIT_LOADERS})

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from loader_server.tools.bench.harness import THROUGH_FIT
 from loader_server.tools.bench.procs import (
     READY,
     peak_rss_mb,
@@ -52,7 +53,11 @@ log = logging.getLogger(__name__)
 CHILD_TIMEOUT_S = 900
 
 
-BASELINES = ("keras-threads", "keras-processes", "tf-numpy-function", "tf-pure", "torch")
+# baselines.ALL's keys, each loader's row through fit after its own; kept here so that the
+# parent process never imports TensorFlow (tests check the two agree).
+BASELINES = ("keras-threads", "keras-threads-fit", "keras-processes", "keras-processes-fit",
+             "tf-numpy-function", "tf-pure", "torch-per-sample", "torch-per-sample-fit",
+             "torch-batch", "torch-batch-fit", "grain", "grain-fit")
 
 
 @dataclass
@@ -173,8 +178,8 @@ def loader_specs(workers: int, max_workers: int) -> list[tuple[str, dict[str, An
     shm = {"loader": "npyloader", "workers": workers, "transport": "shm"}
     specs.append((f"npyloader shm, {workers} workers, consumer copies each batch", {**shm, "copy": True}))
     specs.append((f"npyloader shm, {workers} workers, 4 clients at once (aggregate)", {**shm, "clients": 4}))
-    specs.append((f"npyloader shm, {workers} workers, through Keras", {**shm, "keras": True}))
-    specs.append((f"npyloader tcp, {workers} workers, through Keras", {**shm, "transport": "tcp", "keras": True}))
+    specs.append((f"npyloader shm, {workers} workers{THROUGH_FIT}", {**shm, "fit": True}))
+    specs.append((f"npyloader tcp, {workers} workers{THROUGH_FIT}", {**shm, "transport": "tcp", "fit": True}))
     specs += [(key, {"loader": key, "workers": workers}) for key in BASELINES]
     return specs
 
@@ -268,6 +273,25 @@ loader has workers, and for `aug` the tutorial's own cubic `scipy.ndimage.rotate
 sample (the pure-TF pipeline can only rotate bilinearly, which is cheaper). `io` is 4,096 samples
 of 128x128 (256 MiB), `aug` 4,096 of 64x64. Each loader runs in a fresh child process; a figure is
 the best of the timed epochs after one warm-up epoch (files in the page cache for everyone).
+
+The peers deliver the plan's own batches, order and rotation, not their library's shuffle:
+Keras `PyDataset` with threads or `use_multiprocessing` (its `__getitem__` builds a whole batch;
+queue of 16), iterated through Keras's adapter as `fit` does on the JAX and NumPy backends;
+tf.data running the same Python batch function (`numpy_function`), and pure TF; torch
+`DataLoader` per sample (`batch_size=64`, a sampler in the plan's order, numpy collate) and with
+a batch per item (`__getitem__` returns the plan's whole batch, `batch_size=None`: no per-sample
+indexing, no collate), both with persistent workers; Google Grain's Dataset API,
+`MapDataset.source -> map(rotate) -> batch(64) -> to_iter_dataset(ReadOptions(num_threads=0,
+prefetch_buffer_size=0)) -> mp_prefetch(num_workers=2, per_worker_buffer_size=8)`, one iterator
+across epochs (0 read threads as `ReadOptions` advises for data in memory; 16 batches buffered in
+all, as Keras's queue; `grain.DataLoader` is not used because it batches inside each worker after
+dealing samples round-robin, so its batches are not the plan's). Rows ending "through fit" are
+what `model.fit` receives on the TensorFlow backend: the same loader handed to fit
+(`shuffle=False`), each batch pulled through Keras's own `TFEpochIterator` and data adapter
+(PyDataset, torch DataLoader, Grain), that is through `adapter.get_tf_dataset()`, as tensors.
+tf.data rows need no such row: fit iterates a dataset as given. Rows whose package is missing
+(torch, grain) are listed under "Not measured here".
+
 "Trainer" columns are that process's own CPU seconds per GB received and its peak RSS; server
 columns are the npyloader server's and its largest worker's peak RSS, which include mapped file
 pages (page cache). Analysis of the figures: [PERFORMANCE.md](PERFORMANCE.md)."""
@@ -325,8 +349,8 @@ def targets(report: Report) -> list[str]:
     if io and raw:
         out.append(f"io: npyloader tcp delivers {io.mb_per_s / raw:.0%} of raw pyzmq tcp (target 70%)")
     aug = _find(report, "aug", f"npyloader tcp, {2} workers")
-    rivals = [r for r in report.results if r.workload == "aug" and r.loader.startswith(
-        ("keras PyDataset, use_multiprocessing", "tf.data numpy_function", "torch DataLoader"))]
+    rivals = [r for r in report.results if r.workload == "aug" and THROUGH_FIT not in r.loader and r.loader.startswith(
+        ("keras PyDataset, use_multiprocessing", "tf.data numpy_function", "torch DataLoader", "grain"))]
     if aug and rivals:
         best = max(rivals, key=lambda r: r.samples_per_s)
         out.append(f"aug: npyloader {aug.samples_per_s:,.0f} samples/s vs best alternative {best.loader} "
@@ -348,7 +372,8 @@ def plot(report: Report, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
+    most_rows = max((sum(r.workload == wl for r in report.results) for wl in ("io", "aug")), default=0)
+    fig, axes = plt.subplots(1, 3, figsize=(17, max(5.5, 0.3 * most_rows)))
     for ax, (wl, metric, unit) in zip(axes, (("io", "mb_per_s", "MB/s"), ("aug", "samples_per_s", "samples/s"))):
         rows = [r for r in report.results if r.workload == wl]
         ax.barh([r.loader for r in rows], [getattr(r, metric) for r in rows],

@@ -1,9 +1,9 @@
 """npyloader's own bench rows: a real server per row, read the way a trainer would read it.
 
 A row's spec says how: `transport` "tcp" or "ipc" (the socket) or "shm" (the same-host path,
-tcp for the control messages); `keras` reads through `RemoteSequence` and Keras's own
-`PyDatasetAdapter`, as `fit` does, instead of a bare `BatchStream`; `copy` has the consumer copy
-each batch into its own memory (what one copy per batch costs, against zero-copy views);
+tcp for the control messages); `fit` reads through `RemoteSequence` as `model.fit` does
+(via_fit.py) instead of through a bare `BatchStream`; `copy` has the consumer copy each batch
+into its own memory (what one copy per batch costs, against zero-copy views);
 `clients` > 1 starts that many client processes at once, each reading its shard, and reports
 their aggregate; `remote` adds that many remote worker processes (the relay path).
 """
@@ -43,8 +43,8 @@ def npyloader_run(spec: dict[str, Any], folder: Path, wl: Workload, tmp: Path) -
     try:
         if spec.get("clients", 1) > 1:
             epochs, close_client = _many_clients(url, spec)
-        elif spec.get("keras"):
-            epochs, close_client = _through_keras(url, spec)
+        elif spec.get("fit"):
+            epochs, close_client = _through_fit(url, spec)
         else:
             epochs, close_client = _stream(url, spec)
     except BaseException:
@@ -114,25 +114,24 @@ def _stream(url: str, spec: dict[str, Any]) -> tuple[Epochs, Callable[[], None]]
     return epoch, stream.close
 
 
-def _through_keras(url: str, spec: dict[str, Any]) -> tuple[Epochs, Callable[[], None]]:
-    """What `fit` sees: RemoteSequence's batches pulled by Keras's own adapter and enqueuer."""
-    from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
-
+def _through_fit(url: str, spec: dict[str, Any]) -> tuple[Epochs, Callable[[], None]]:
+    """What `fit` sees: RemoteSequence handed to Keras's own adapter and TFEpochIterator
+    (via_fit.py), as the other loaders' rows through fit are."""
     from loader_client import RemoteSequence
+    from loader_server.tools.bench.harness import FitInput, FitLoader
+    from loader_server.tools.bench.via_fit import through_fit
 
-    seq = RemoteSequence(url, timeout=CLIENT_TIMEOUT_S, transport=TRANSPORT[spec["transport"]])
-    _check_transport(seq.stats(), spec)
+    def start(first_epoch: int) -> FitInput:
+        seq = RemoteSequence(url, timeout=CLIENT_TIMEOUT_S, transport=TRANSPORT[spec["transport"]], epoch=first_epoch)
+        _check_transport(seq.stats(), spec)
 
-    def epoch(n: int) -> Iterator[tuple[np.ndarray, ...]]:
-        seq.epoch = n
-        adapter = PyDatasetAdapter(seq, shuffle=False)
-        adapter.on_epoch_begin()
-        try:
-            yield from adapter.get_numpy_iterator()
-        finally:
-            adapter.on_epoch_end()
+        def set_epoch(n: int) -> None:
+            seq.epoch = n
 
-    return epoch, seq.close
+        return FitInput(seq, on_epoch_begin=set_epoch, stop=seq.close)
+
+    baseline = through_fit(FitLoader("npyloader", start))
+    return baseline.epoch, baseline.close
 
 
 def _many_clients(url: str, spec: dict[str, Any]) -> tuple[Epochs, Callable[[], None]]:
