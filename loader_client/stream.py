@@ -17,7 +17,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,7 +50,7 @@ class DatasetInfo:
     num_samples: int
     batch_size: int
     batches: int
-    specs: tuple[tuple[str, str, tuple[int, ...]], ...]
+    specs: tuple[protocol.ArraySpec, ...]  # one sample of each array
 
 
 class Connection:
@@ -83,6 +83,11 @@ class Connection:
         self._returned: dict[int, int] = {}
         self._starved_since: float | None = None
         self.reconnects = 0
+        # what the I/O thread does with each message the server may send, under self._cv
+        self._handlers: dict[str, Callable[[protocol.Message], None]] = {
+            "welcome": self._on_welcome, "batch": self._on_batch, "error": self._on_error,
+            "pong": self._on_pong, "stats_reply": self._on_stray_stats,
+        }
         self._ctx = zmq.Context.instance()
         self._wake_addr = f"inproc://npyloader-client-{id(self)}-{next(_ids)}"
         self._wake_rx = self._ctx.socket(zmq.PAIR)
@@ -266,27 +271,33 @@ class Connection:
 
     def _on_message(self, frames: list[zmq.Frame]) -> None:
         try:
-            msg = protocol.decode(frames, allowed=frozenset({"welcome", "batch", "error", "pong"}))
-        except Exception as e:  # never let one bad message stop the I/O thread
+            msg = protocol.decode(frames, allowed=protocol.SERVER_TO_CLIENT)
+        except Exception as e:  # never let one bad message stop the I/O thread (a validator bug included)
             log.error("dropped a malformed message from %s: %s", self.url, e)
             return
         with self._cv:
-            if msg.type == "batch":
-                key = (msg["epoch"], msg["index"])
-                if key in self._outstanding:
-                    self._outstanding.discard(key)
-                    problem = self._unlike_welcome(msg.arrays)
-                    if problem:
-                        self._failed[key] = problem
-                    else:
-                        self._ready[key] = tuple(msg.arrays.values())
-                        self.batches += 1
-                        self.bytes += sum(a.nbytes for a in msg.arrays.values())
-            elif msg.type == "welcome":
-                self._on_welcome(msg)
-            elif msg.type == "error":
-                self._on_error(msg)
+            self._handlers[msg.type](msg)
             self._cv.notify_all()
+
+    def _on_batch(self, msg: protocol.Message) -> None:
+        key = (msg["epoch"], msg["index"])
+        if key not in self._outstanding:
+            return  # not asked for, or cancelled since
+        self._outstanding.discard(key)
+        problem = self._unlike_welcome(msg.arrays)
+        if problem:
+            self._failed[key] = problem
+        else:
+            self._ready[key] = tuple(msg.arrays.values())
+            self.batches += 1
+            self.bytes += sum(a.nbytes for a in msg.arrays.values())
+
+    def _on_pong(self, msg: protocol.Message) -> None:
+        """Nothing more to do: hearing from the server at all is what resets the ping timer."""
+
+    def _on_stray_stats(self, msg: protocol.Message) -> None:
+        """This socket never asks for stats (`request_stats` uses a socket of its own)."""
+        log.debug("ignored a stats reply from %s that this session did not ask for", self.url)
 
     def _unlike_welcome(self, arrays: dict[str, np.ndarray]) -> str | None:
         """Why a batch breaks what the welcome promised, or None. The schema only makes each array
@@ -294,7 +305,7 @@ class Connection:
         a batch, would otherwise reach the caller as if it were the batch asked for."""
         assert self.info is not None  # batches are asked for only after the welcome
         specs, limit = list(self.info.specs), self.info.batch_size
-        got = [(name, a.dtype.str, a.shape[1:]) for name, a in arrays.items()]
+        got = [protocol.ArraySpec(name, a.dtype.str, a.shape[1:]) for name, a in arrays.items()]
         rows = {a.shape[0] if a.ndim else -1 for a in arrays.values()}
         if got == specs and len(rows) == 1 and 0 <= min(rows) <= limit:
             return None
@@ -303,7 +314,7 @@ class Connection:
 
     def _on_welcome(self, msg: protocol.Message) -> None:
         info = DatasetInfo(msg["dataset"], msg["num_samples"], msg["batch_size"], msg["batches"],
-                           tuple((n, d, tuple(s)) for n, d, s in msg["specs"]))
+                           tuple(protocol.ArraySpec.from_wire(s) for s in msg["specs"]))
         if self.info is not None and info != self.info:
             self._fatal = ServerError(
                 f"{self.url} came back serving a different '{self.dataset}' ({info}) than before "
@@ -357,10 +368,12 @@ def request_stats(url: str, timeout: float = 5.0, curve: Curve = None) -> dict:
             raise TimeoutError(f"no answer from {url} within {timeout:g}s: is `npyloader serve` running there?")
         # the stats list every client and every worker (with its host name), so with enough of
         # them they outgrow an ordinary header
-        msg = protocol.decode(sock.recv_multipart(), allowed=frozenset({"stats_reply", "error"}),
+        msg = protocol.decode(sock.recv_multipart(), allowed=protocol.SERVER_TO_CLIENT,
                               max_header_bytes=protocol.MAX_SETUP_BYTES)
         if msg.type == "error":
             raise ServerError(f"{url}: {msg['message']}")
+        if msg.type != "stats_reply":
+            raise ServerError(f"{url} answered a stats request with '{msg.type}'")
         return msg["stats"]
     finally:
         sock.close(0)

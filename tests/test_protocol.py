@@ -138,7 +138,7 @@ def test_zero_dim_array_keeps_its_shape():
 
 def test_encode_header_matches_encode():
     arr = sample_array("<f4", (2, 3))
-    raw = protocol.encode_header("batch", {"epoch": 4, "index": 2}, [("x", arr.dtype.str, arr.shape)])
+    raw = protocol.encode_header("batch", {"epoch": 4, "index": 2}, [protocol.ArraySpec.of("x", arr)])
     msg = decode([raw, arr.tobytes()])
     assert msg["epoch"] == 4 and msg["index"] == 2
     np.testing.assert_array_equal(msg.arrays["x"], arr)
@@ -456,3 +456,55 @@ def test_array_round_trip_property(dtype, shape, data):
     bad = frames[1][:len(frames[1]) + delta] if delta < 0 else frames[1] + b"\x00" * delta
     with pytest.raises(ProtocolError, match="declares"):
         decode([frames[0], bad])
+
+
+# ---------------------------------------------------------------------------------------------
+# The vocabulary by direction, ArraySpec, clip, and the tables that answer each direction
+
+
+def test_the_four_directions_make_up_the_whole_vocabulary():
+    directions = [protocol.CLIENT_TO_SERVER, protocol.SERVER_TO_CLIENT, protocol.WORKER_TO_BROKER,
+                  protocol.BROKER_TO_WORKER]
+    assert set().union(*directions) == set(protocol.SCHEMAS)
+    assert not protocol.CLIENT_TO_SERVER & (protocol.SERVER_TO_CLIENT | protocol.WORKER_TO_BROKER
+                                            | protocol.BROKER_TO_WORKER), "no client message is another's"
+    assert protocol.WORKER_TO_BROKER & protocol.BROKER_TO_WORKER == {"heartbeat"}, "both sides heartbeat"
+
+
+def test_array_spec_keeps_the_wire_format_of_name_dtype_shape_lists():
+    spec = protocol.ArraySpec.from_wire(["x", "<f4", [16, 3]])
+    assert spec == protocol.ArraySpec("x", "<f4", (16, 3)) == ("x", "<f4", (16, 3))
+    assert spec.to_wire() == ["x", "<f4", [16, 3]]
+    assert spec.batched(8) == ("x", "<f4", (8, 16, 3)) and spec.nbytes == 16 * 3 * 4
+    raw = protocol.encode_header("batch", {"epoch": 0, "index": 0}, [spec.batched(0)])
+    assert msgpack.unpackb(raw)["arrays"] == [["x", "<f4", [0, 16, 3]]]
+
+
+def test_each_handler_table_covers_exactly_its_direction(monkeypatch):
+    import zmq
+
+    from loader_client.stream import Connection
+    from loader_server.serve.broker import Broker
+    from loader_server.worker.loop import WorkerLoop
+
+    broker = Broker({}, None, None, None, None)
+    assert set(broker._client_handlers) == protocol.CLIENT_TO_SERVER
+    assert set(broker._worker_handlers) == protocol.WORKER_TO_BROKER
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    loop = WorkerLoop(ctx, sock, None, [], 1.0)
+    try:
+        assert set(loop._handlers) == protocol.BROKER_TO_WORKER
+    finally:
+        loop.close()
+        sock.close(0)
+        ctx.term()
+
+    monkeypatch.setattr(Connection, "_handshake", lambda self: None)  # no server to greet
+    conn = Connection("tcp://127.0.0.1:9", timeout=1)
+    try:
+        assert set(conn._handlers) == protocol.SERVER_TO_CLIENT
+    finally:
+        conn.close()
+

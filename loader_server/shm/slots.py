@@ -18,6 +18,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
+from loader_client.protocol import ArraySpec
 from loader_server.config import ConfigError
 
 _ALIGN = 64
@@ -64,12 +65,12 @@ class SlotLayout:
         return [buf[base + a.offset: base + a.offset + rows * a.sample_bytes].toreadonly()
                 for a in self.arrays]
 
-    def specs(self, rows: int) -> list[tuple[str, str, tuple[int, ...]]]:
-        return [(a.name, a.dtype, (rows, *a.sample_shape)) for a in self.arrays]
+    def specs(self, rows: int) -> list[ArraySpec]:
+        """The arrays of a batch of `rows` in one slot, as its `batch` header describes them."""
+        return [ArraySpec(a.name, a.dtype, a.sample_shape).batched(rows) for a in self.arrays]
 
 
-def plan_layout(shm_name: str, nslots: int, batch_size: int,
-                arrays: list[tuple[str, str, tuple[int, ...]]]) -> SlotLayout:
+def plan_layout(shm_name: str, nslots: int, batch_size: int, arrays: list[ArraySpec]) -> SlotLayout:
     """Place each array of a batch at an aligned offset inside a slot."""
     layouts, offset = [], 0
     for name, dtype, shape in arrays:
@@ -84,8 +85,7 @@ class SlotPool:
 
     `name` (e.g. npyloader-PID-DATASET) says in /dev/shm whose segment it is."""
 
-    def __init__(self, nslots: int, batch_size: int,
-                 arrays: list[tuple[str, str, tuple[int, ...]]], name: str | None = None) -> None:
+    def __init__(self, nslots: int, batch_size: int, arrays: list[ArraySpec], name: str | None = None) -> None:
         probe = plan_layout("", nslots, batch_size, arrays)
         size = probe.slot_bytes * nslots
         self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
