@@ -146,9 +146,20 @@ def _text(v: Any) -> bool:
     return isinstance(v, str) and len(v) <= MAX_TEXT
 
 
-def clip(text: str, limit: int = MAX_TEXT) -> str:
-    """Text cut to fit a message field, saying it was cut."""
-    return text if len(text) <= limit else text[:limit - 40] + f" ... ({len(text) - limit + 40} chars cut)"
+def clip(text: str, limit: int = MAX_TEXT, *, tail: bool = False) -> str:
+    """Text made fit to send in a field: valid UTF-8 (a file name's undecodable bytes, kept by
+    Python as lone surrogates, would make msgpack raise) and at most `limit` bytes of it (so at
+    most `limit` characters too; counting characters would let non-ASCII text overflow the
+    header limit), saying where it was cut. `tail` keeps the end instead of the start: the
+    last frames and the exception line of a traceback are what matter most."""
+    raw = text.encode("utf-8", "backslashreplace")
+    if len(raw) <= limit:
+        return raw.decode("utf-8")
+    room = limit - 40
+    note = f" ... ({len(raw) - room} bytes cut) ... "
+    if tail:
+        return note.lstrip() + raw[-room:].decode("utf-8", "ignore")
+    return raw[:room].decode("utf-8", "ignore") + note.rstrip()
 
 
 def _any_map(v: Any) -> bool:
@@ -191,7 +202,9 @@ _SERVER_TO_CLIENT: dict[str, dict[str, Check]] = {
     "batch": {"epoch": _nonneg_int, "index": _nonneg_int},
     "pong": {},
     "stats_reply": {"stats": _any_map},
-    "error": {"code": _name, "message": _text, "epoch?": _nonneg_int, "index?": _nonneg_int},
+    # `traceback`: where a batch failed in a worker, passed on from its `failed` message
+    "error": {"code": _name, "message": _text, "epoch?": _nonneg_int, "index?": _nonneg_int,
+              "traceback?": _text},
 }
 # Local workers announce themselves with `ready`; a remote worker sends `join`, gets the
 # datasets in `setup`, checks it sees the same files, then sends `ready` (or `refused`). Both
@@ -203,7 +216,8 @@ _WORKER_TO_BROKER: dict[str, dict[str, Check]] = {
     "refused": {"message": _text},
     "heartbeat": {},
     "done": {"task": _nonneg_int, "rows": _nonneg_int, "busy_s": _number, "read_s?": _number, "augment_s?": _number},
-    "failed": {"task": _nonneg_int, "message": _text},
+    # `traceback`: the worker's own, its last frames kept (see `clip`)
+    "failed": {"task": _nonneg_int, "message": _text, "traceback?": _text},
 }
 _BROKER_TO_WORKER: dict[str, dict[str, Check]] = {
     "setup": {"root": _text, "datasets": _map_list, "heartbeat_s": _number},

@@ -39,7 +39,18 @@ Curve = ClientCurve | tuple[str, str] | None
 
 
 class ServerError(RuntimeError):
-    """The server refused a request or could not build a batch; the message says why."""
+    """The server refused a request or could not build a batch; the message says why and,
+    when a worker failed, ends with that worker's traceback."""
+
+
+def error_text(msg: protocol.Message) -> str:
+    """An `error` reply as a reader wants it: the server's message, then the traceback of the
+    worker where the batch failed, re-raised in the spirit of torch's ExceptionWrapper."""
+    tb = msg.get("traceback")
+    if not tb:
+        return msg["message"]
+    body = tb.removeprefix("Traceback (most recent call last):\n")
+    return f"{msg['message']}\n\nOriginal Traceback (most recent call last):\n{body}"
 
 
 @dataclass(frozen=True)
@@ -328,7 +339,7 @@ class Connection:
         self.info = info
 
     def _on_error(self, msg: protocol.Message) -> None:
-        code, text = msg["code"], msg["message"]
+        code, text = msg["code"], error_text(msg)
         if code == "unknown_client":
             if self.info is not None and not self._rejoining:
                 self._rejoining = True
@@ -371,7 +382,7 @@ def request_stats(url: str, timeout: float = 5.0, curve: Curve = None) -> dict:
         msg = protocol.decode(sock.recv_multipart(), allowed=protocol.SERVER_TO_CLIENT,
                               max_header_bytes=protocol.MAX_SETUP_BYTES)
         if msg.type == "error":
-            raise ServerError(f"{url}: {msg['message']}")
+            raise ServerError(f"{url}: {error_text(msg)}")
         if msg.type != "stats_reply":
             raise ServerError(f"{url} answered a stats request with '{msg.type}'")
         return msg["stats"]

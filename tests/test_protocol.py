@@ -480,6 +480,19 @@ def test_array_spec_keeps_the_wire_format_of_name_dtype_shape_lists():
     assert msgpack.unpackb(raw)["arrays"] == [["x", "<f4", [0, 16, 3]]]
 
 
+def test_clip_fits_a_field_in_bytes_keeping_the_head_or_the_tail():
+    text = "start " + "é" * 20_000 + " end"
+    head, tail = protocol.clip(text), protocol.clip(text, tail=True)
+    for cut in (head, tail):
+        assert len(cut.encode()) <= protocol.MAX_TEXT, "non-ASCII text fits the byte limit too"
+        assert "bytes cut" in cut
+    assert head.startswith("start ") and tail.endswith(" end")
+    assert protocol.clip("short") == "short"
+    # a file name's undecodable bytes (lone surrogates) become text msgpack can send
+    assert decode(encode("failed", {"task": 1, "message": protocol.clip("bad-\udcff.npy")}))["message"] == \
+        "bad-\\udcff.npy"
+
+
 def test_each_handler_table_covers_exactly_its_direction(monkeypatch):
     import zmq
 
@@ -508,3 +521,30 @@ def test_each_handler_table_covers_exactly_its_direction(monkeypatch):
     finally:
         conn.close()
 
+
+def test_a_failed_batch_carries_the_innermost_frames_and_the_client_shows_them_like_torch():
+    from loader_client.stream import error_text
+    from loader_server.worker.loop import short_traceback
+
+    def innermost_op(depth: int) -> None:
+        if depth:
+            innermost_op(depth - 1)
+        raise ValueError("bad sample " + "x" * 40_000)
+
+    try:
+        try:
+            innermost_op(50)
+        except ValueError as e:
+            raise RuntimeError("sample 7 (part-000.npy row 7): augment op 'pkg:op' failed") from e
+    except RuntimeError as e:
+        tb = short_traceback(e)
+    assert len(tb.encode()) <= protocol.MAX_TEXT
+    assert "in innermost_op" in tb and tb.rstrip().endswith("augment op 'pkg:op' failed"), tb[-300:]
+    assert tb.count("in innermost_op") <= 8, "only the last frames of a deep stack"
+    reply = decode(encode("error", {"code": "batch_failed", "message": "worker local-0 failed: boom",
+                                    "epoch": 0, "index": 1, "traceback": tb}))
+    text = error_text(reply)
+    assert text.startswith("worker local-0 failed: boom\n\nOriginal Traceback (most recent call last):\n")
+    assert "in innermost_op" in text
+    plain = decode(encode("error", {"code": "out_of_range", "message": "batch 99 is out of range"}))
+    assert error_text(plain) == "batch 99 is out of range"

@@ -365,7 +365,10 @@ class Broker:
         worker = self._registered(identity)
         if worker is None or (task := worker.tasks.pop(msg["task"], None)) is None:
             return  # a batch already requeued when its worker was declared dead
-        self._fail(task, msg["message"])
+        problem = f"worker {worker.name} failed: {msg['message']}"
+        # the traceback is in the worker's own log, which for a remote worker is on another host
+        log.warning("batch %d of epoch %d of '%s' failed: %s", task.index, task.epoch, task.dataset.name, problem)
+        self._fail(task, problem, msg.get("traceback"))
 
     # -- dispatching and delivering ----------------------------------------------------------
 
@@ -590,12 +593,13 @@ class Broker:
         log.error("%s; failing it instead of retrying", problem)
         self._fail(task, problem)
 
-    def _fail(self, task: Task, problem: str) -> None:
-        """The batch will not be sent: free what it holds and tell its client why."""
+    def _fail(self, task: Task, problem: str, traceback: str | None = None) -> None:
+        """The batch will not be sent: free what it holds and tell its client why (with the
+        worker's traceback when a worker raised)."""
         self._release(task)
         self.failed += 1
         self._finish(task)
-        self._error(task.client, "batch_failed", problem, epoch=task.epoch, index=task.index)
+        self._error(task.client, "batch_failed", problem, traceback, epoch=task.epoch, index=task.index)
 
     def _mark_runnable(self, identity: bytes) -> None:
         if identity not in self._runnable:
@@ -623,9 +627,11 @@ class Broker:
         except zmq.ZMQError as e:
             log.warning("could not reach worker %r: %s", identity, e)
 
-    def _error(self, identity: bytes, code: str, message: str, **where: int) -> None:
-        self._send_client(identity, protocol.encode("error", {"code": code, "message": protocol.clip(message),
-                                                              **where}))
+    def _error(self, identity: bytes, code: str, message: str, traceback: str | None = None, **where: int) -> None:
+        fields: dict[str, Any] = {"code": code, "message": protocol.clip(message), **where}
+        if traceback:
+            fields["traceback"] = protocol.clip(traceback, tail=True)
+        self._send_client(identity, protocol.encode("error", fields))
 
     # -- stats -----------------------------------------------------------------------------
 

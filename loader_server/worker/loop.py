@@ -20,6 +20,7 @@ import signal
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +38,8 @@ from loader_server.shm.slots import SlotLayout, SlotReader
 log = logging.getLogger(__name__)
 
 TASKS_IN_FLIGHT = 2
+TRACEBACK_FRAMES = 8
+TRACEBACK_CHUNK = 2048
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ class BatchBuilder:
                     raise
                 self._report_skip(sid, e)
                 continue
-            except Exception as e:
+            except Exception as e:  # whatever failed (an augment op can raise anything), say which sample
                 path, row = self.reader.locate(sid)
                 raise RuntimeError(f"sample {sid} ({path} row {row}): {e}") from e
             j += 1
@@ -121,6 +124,21 @@ class BatchBuilder:
         self.reader.close()
 
 
+def short_traceback(exc: BaseException) -> str:
+    """A failed batch's traceback as its client will see it: the last TRACEBACK_FRAMES frames of
+    each exception in the chain (the op or read that raised, then each wrapper naming the
+    sample), each frame or exception line cut to TRACEBACK_CHUNK bytes so that a huge message,
+    repeated by every wrapper, cannot push the innermost frames out; the whole then cut from
+    the front to fit a message field."""
+    chunks = traceback.format_exception(exc, limit=-TRACEBACK_FRAMES)
+    return protocol.clip("".join(_clip_chunk(c) for c in chunks), tail=True)
+
+
+def _clip_chunk(chunk: str) -> str:
+    short = protocol.clip(chunk, TRACEBACK_CHUNK)
+    return short if short.endswith("\n") else short + "\n"
+
+
 def _place(out: np.ndarray, row: int, value: np.ndarray, name: str) -> None:
     value = np.asarray(value)
     if value.shape != out.shape[1:] or value.dtype.newbyteorder("=") != out.dtype:
@@ -149,11 +167,12 @@ class TaskRunner:
             samples = builder.samples(msg["epoch"], msg["index"], msg.get("shard"))
             arrays = self._outputs(builder.ds, msg.get("slot"), len(samples))
             rows = builder.fill(msg["epoch"], samples, arrays)
-        except Exception as e:
-            log.error("batch %d of epoch %d of '%s' failed: %s", msg["index"], msg["epoch"], msg["dataset"], e)
+        except Exception as e:  # anything a read or an augment op raises fails this batch only, not the worker
+            log.exception("batch %d of epoch %d of '%s' failed: %s", msg["index"], msg["epoch"], msg["dataset"], e)
             if self._counters is not None:
                 self._counters.add(failed=1)
-            return protocol.encode("failed", {"task": msg["task"], "message": protocol.clip(str(e))})
+            return protocol.encode("failed", {"task": msg["task"], "message": protocol.clip(str(e)),
+                                              "traceback": short_traceback(e)})
         fields = {"task": msg["task"], "rows": rows, "busy_s": time.perf_counter() - started,
                   "read_s": builder.read_s, "augment_s": builder.augment_s}
         if self._counters is not None:
