@@ -284,7 +284,7 @@ def _unpack_header(raw: bytes | memoryview, limit: int) -> dict[str, Any]:
     except ProtocolError:
         raise
     except Exception as e:  # msgpack raises several unrelated types for bad input
-        raise ProtocolError(f"header is not valid msgpack: {type(e).__name__}") from None
+        raise ProtocolError(f"header is not valid msgpack: {type(e).__name__}") from e
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
     _refuse_timestamps(header)

@@ -64,7 +64,7 @@ def _slot_pool(name: str, nslots: int, batch_size: int, arrays: list[protocol.Ar
     try:
         return SlotPool(nslots, batch_size, arrays, f"npyloader-{os.getpid()}-{name}")
     except ConfigError as e:
-        raise ConfigError(f"dataset '{name}': {e}") from None
+        raise ConfigError(f"dataset '{name}': {e}") from e
 
 
 LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
@@ -83,8 +83,8 @@ def _bind(sock: zmq.Socket, endpoint: str, option: str, encrypted: bool = False)
         if e.errno == zmq.EADDRINUSE:
             raise ConfigError(
                 f"{option} {endpoint}: address already in use (another npyloader serve? "
-                f"try `npyloader stats {endpoint}`); choose another port") from None
-        raise ConfigError(f"{option} {endpoint}: cannot bind: {e}") from None
+                f"try `npyloader stats {endpoint}`); choose another port") from e
+        raise ConfigError(f"{option} {endpoint}: cannot bind: {e}") from e
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
@@ -105,7 +105,7 @@ class Server:
         self._started = time.monotonic()
         try:
             self._setup()
-        except BaseException:
+        except BaseException:  # whatever stopped startup (Ctrl-C too), leave nothing behind; re-raised
             self.close()
             raise
 

@@ -91,7 +91,7 @@ class SlotPool:
         self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         try:
             _reserve(self._shm.name, size)
-        except BaseException:
+        except BaseException:  # whatever stopped it (Ctrl-C too), leave no segment behind; re-raised
             self._shm.close()
             self._shm.unlink()
             raise
@@ -144,7 +144,7 @@ def _reserve(name: str, size: int) -> None:
         raise ConfigError(
             f"not enough shared memory: the batch slots need {size / 2**20:.0f} MiB in {SHM_DIR}, which has "
             f"{st.f_bavail * st.f_frsize / 2**20:.0f} MiB free; give it more (docker run --shm-size, compose "
-            f"shm_size, Kubernetes an emptyDir with medium: Memory at /dev/shm) or lower --batch-size") from None
+            f"shm_size, Kubernetes an emptyDir with medium: Memory at /dev/shm) or lower --batch-size") from e
     finally:
         os.close(fd)
 
