@@ -62,7 +62,7 @@ class RemoteSequence(keras.utils.PyDataset):
         self._curve = as_curve(curve)
         self._conn = Connection(url, dataset, timeout=timeout, shard=shard, curve=self._curve, transport=transport)
         info = self._conn.info
-        batch_bytes = sum(info.batch_size * int(np.prod(s)) * np.dtype(d).itemsize for _, d, s in info.specs)
+        batch_bytes = sum(info.batch_size * spec.nbytes for spec in info.specs)
         self.prefetch = prefetch or default_prefetch(batch_bytes, self._conn.max_held)
         kwargs.setdefault("workers", self.prefetch)
         kwargs.setdefault("max_queue_size", self.prefetch)
@@ -112,8 +112,8 @@ class RemoteSequence(keras.utils.PyDataset):
         """A tf.data.Dataset of this stream; each full iteration is one epoch, then the next."""
         import tensorflow as tf
 
-        specs = tuple(tf.TensorSpec((None, *shape), tf.as_dtype(np.dtype(dtype)))
-                      for _, dtype, shape in self._conn.info.specs)
+        specs = tuple(tf.TensorSpec((None, *spec.shape), tf.as_dtype(np.dtype(spec.dtype)))
+                      for spec in self._conn.info.specs)
 
         def one_epoch():
             for i in range(len(self)):

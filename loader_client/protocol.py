@@ -2,8 +2,14 @@
 
 A message is a ZeroMQ multipart `[header, frame_0, frame_1, ...]`. The header is a msgpack
 map with the protocol version `v`, a `type` and that type's fields; each array travels as its
-own raw frame, described in the header's `arrays` list as `[name, dtype, shape]`, so arrays
-are sent with `copy=False` and read back with `np.frombuffer`, never copied or serialised.
+own raw frame, described in the header's `arrays` list as `[name, dtype, shape]` (an
+`ArraySpec`), so arrays are sent with `copy=False` and read back with `np.frombuffer`, never
+copied or serialised.
+
+The vocabulary is grouped by direction (`CLIENT_TO_SERVER`, `SERVER_TO_CLIENT`,
+`WORKER_TO_BROKER`, `BROKER_TO_WORKER`): each receiver decodes with its direction's set, so
+a message sent the wrong way is refused by the decoder, and each receiver's handler table
+covers exactly that set.
 
 Everything received is untrusted: `decode` checks the header against the schema of its type,
 allows only plain numeric and bool dtypes, checks that each frame's length matches its declared
@@ -17,7 +23,7 @@ import math
 import reprlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
@@ -44,6 +50,40 @@ ALLOWED_DTYPES = frozenset(
 
 class ProtocolError(ValueError):
     """A received message does not follow the contract; the message says which rule it broke."""
+
+
+class ArraySpec(NamedTuple):
+    """One array as the wire describes it: its name, numpy dtype string (`'<f4'`) and shape.
+
+    Used both for one sample (a dataset's `welcome`) and for a whole batch (a `batch` header).
+    A NamedTuple, so it unpacks and compares like the `(name, dtype, shape)` tuple it names;
+    on the wire it is the list `[name, dtype, [shape]]`.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, name: str, arr: np.ndarray) -> ArraySpec:
+        return cls(name, arr.dtype.str, tuple(arr.shape))
+
+    @classmethod
+    def from_wire(cls, item: Sequence[Any]) -> ArraySpec:
+        """From a validated `[name, dtype, shape]` list (see `_spec_list`)."""
+        name, dtype, shape = item
+        return cls(name, dtype, tuple(shape))
+
+    def to_wire(self) -> list[Any]:
+        return [self.name, self.dtype, list(self.shape)]
+
+    def batched(self, rows: int) -> ArraySpec:
+        """The spec of `rows` of these samples stacked: a batch of a per-sample spec."""
+        return self._replace(shape=(rows, *self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
 
 _short = reprlib.Repr()
@@ -106,9 +146,20 @@ def _text(v: Any) -> bool:
     return isinstance(v, str) and len(v) <= MAX_TEXT
 
 
-def clip(text: str, limit: int = MAX_TEXT) -> str:
-    """Text cut to fit a message field, saying it was cut."""
-    return text if len(text) <= limit else text[:limit - 40] + f" ... ({len(text) - limit + 40} chars cut)"
+def clip(text: str, limit: int = MAX_TEXT, *, tail: bool = False) -> str:
+    """Text made fit to send in a field: valid UTF-8 (a file name's undecodable bytes, kept by
+    Python as lone surrogates, would make msgpack raise) and at most `limit` bytes of it (so at
+    most `limit` characters too; counting characters would let non-ASCII text overflow the
+    header limit), saying where it was cut. `tail` keeps the end instead of the start: the
+    last frames and the exception line of a traceback are what matter most."""
+    raw = text.encode("utf-8", "backslashreplace")
+    if len(raw) <= limit:
+        return raw.decode("utf-8")
+    room = limit - 40
+    note = f" ... ({len(raw) - room} bytes cut) ... "
+    if tail:
+        return note.lstrip() + raw[-room:].decode("utf-8", "ignore")
+    return raw[:room].decode("utf-8", "ignore") + note.rstrip()
 
 
 def _any_map(v: Any) -> bool:
@@ -162,10 +213,9 @@ def _spec_list(v: Any) -> bool:
 
 Check = Callable[[Any], bool]
 
-# Required fields of each message type and what each must look like. Optional fields are
-# listed with a trailing "?". Unknown fields are ignored, so a newer peer can add some.
-SCHEMAS: dict[str, dict[str, Check]] = {
-    # client -> server
+# Required fields of each message type and what each must look like, by direction. Optional
+# fields are listed with a trailing "?". Unknown fields are ignored, so a newer peer can add some.
+_CLIENT_TO_SERVER: dict[str, dict[str, Check]] = {
     "hello": {"dataset": _name, "shard?": _shard},
     "request": {"epoch": _nonneg_int, "batches": _index_list, "wait_s?": _number, "release?": _releases},
     # same-host clients: prove they see the server's memory, then give back the slots they read,
@@ -176,7 +226,8 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "ping": {},
     "stats": {},
     "bye": {},
-    # server -> client
+}
+_SERVER_TO_CLIENT: dict[str, dict[str, Check]] = {
     "welcome": {
         "dataset": _name, "num_samples": _nonneg_int, "batch_size": _nonneg_int,
         "batches": _nonneg_int, "specs": _spec_list, "shm?": _shm_offer,
@@ -187,25 +238,40 @@ SCHEMAS: dict[str, dict[str, Check]] = {
              "rows": _nonneg_int},
     "pong": {},
     "stats_reply": {"stats": _any_map},
-    "error": {"code": _name, "message": _text, "epoch?": _nonneg_int, "index?": _nonneg_int},
-    # broker <-> worker. Local workers announce themselves with `ready`; a remote worker sends
-    # `join`, gets the datasets in `setup`, checks it sees the same files, then sends `ready`
-    # (or `refused`). Both sides heartbeat; `rejoin` asks an unknown worker to start over.
+    # `traceback`: where a batch failed in a worker, passed on from its `failed` message
+    "error": {"code": _name, "message": _text, "epoch?": _nonneg_int, "index?": _nonneg_int,
+              "traceback?": _text},
+}
+# Local workers announce themselves with `ready`; a remote worker sends `join`, gets the
+# datasets in `setup`, checks it sees the same files, then sends `ready` (or `refused`). Both
+# sides heartbeat; `rejoin` asks an unknown worker to start over.
+_WORKER_TO_BROKER: dict[str, dict[str, Check]] = {
     "join": {"pid": _nonneg_int, "host": _text},
-    "setup": {"root": _text, "datasets": _map_list, "heartbeat_s": _number},
     "ready": {"worker?": _nonneg_int, "pid": _nonneg_int, "host": _text, "capacity?": _nonneg_int,
               "local?": _bool},
     "refused": {"message": _text},
     "heartbeat": {},
-    "rejoin": {},
+    "done": {"task": _nonneg_int, "rows": _nonneg_int, "busy_s": _number, "read_s?": _number, "augment_s?": _number},
+    # `traceback`: the worker's own, its last frames kept (see `clip`)
+    "failed": {"task": _nonneg_int, "message": _text, "traceback?": _text},
+}
+_BROKER_TO_WORKER: dict[str, dict[str, Check]] = {
+    "setup": {"root": _text, "datasets": _map_list, "heartbeat_s": _number},
     "task": {
         "task": _nonneg_int, "dataset": _name, "epoch": _nonneg_int, "index": _nonneg_int,
         "slot?": _nonneg_int, "shard?": _shard,
     },
-    "done": {"task": _nonneg_int, "rows": _nonneg_int, "busy_s": _number, "read_s?": _number, "augment_s?": _number},
-    "failed": {"task": _nonneg_int, "message": _text},
+    "heartbeat": {},
+    "rejoin": {},
     "stop": {},
 }
+
+CLIENT_TO_SERVER = frozenset(_CLIENT_TO_SERVER)
+SERVER_TO_CLIENT = frozenset(_SERVER_TO_CLIENT)
+WORKER_TO_BROKER = frozenset(_WORKER_TO_BROKER)
+BROKER_TO_WORKER = frozenset(_BROKER_TO_WORKER)
+SCHEMAS: dict[str, dict[str, Check]] = {**_CLIENT_TO_SERVER, **_SERVER_TO_CLIENT, **_WORKER_TO_BROKER,
+                                        **_BROKER_TO_WORKER}
 
 
 def _check_fields(mtype: str, header: dict[str, Any]) -> None:
@@ -231,16 +297,15 @@ def encode(mtype: str, fields: dict[str, Any] | None = None,
         specs = []
         for name, arr in arrays:
             arr = np.asarray(arr, order="C")
-            specs.append([name, arr.dtype.str, list(arr.shape)])
+            specs.append(ArraySpec.of(name, arr).to_wire())
             frames.append(memoryview(arr).cast("B") if arr.nbytes else b"")
         header["arrays"] = specs
     return [msgpack.packb(header, use_bin_type=True), *frames]
 
 
-def encode_header(mtype: str, fields: dict[str, Any], specs: Sequence[tuple[str, str, tuple[int, ...]]]) -> bytes:
+def encode_header(mtype: str, fields: dict[str, Any], specs: Sequence[ArraySpec]) -> bytes:
     """A header for arrays whose frames the caller supplies (e.g. views on shared memory)."""
-    header = {"v": VERSION, "type": mtype, **fields,
-              "arrays": [[n, d, list(s)] for n, d, s in specs]}
+    header = {"v": VERSION, "type": mtype, **fields, "arrays": [s.to_wire() for s in specs]}
     return msgpack.packb(header, use_bin_type=True)
 
 
@@ -255,7 +320,7 @@ def _unpack_header(raw: bytes | memoryview, limit: int) -> dict[str, Any]:
     except ProtocolError:
         raise
     except Exception as e:  # msgpack raises several unrelated types for bad input
-        raise ProtocolError(f"header is not valid msgpack: {type(e).__name__}") from None
+        raise ProtocolError(f"header is not valid msgpack: {type(e).__name__}") from e
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
     _refuse_timestamps(header)

@@ -22,7 +22,7 @@ def load_public(path: str | os.PathLike[str], option: str) -> bytes:
     try:
         public, _ = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as e:
-        raise CurveKeyError(f"{option} {path}: cannot read a CURVE key: {e}") from None
+        raise CurveKeyError(f"{option} {path}: cannot read a CURVE key: {e}") from e
     return public
 
 
@@ -30,7 +30,7 @@ def load_pair(path: str | os.PathLike[str], option: str) -> tuple[bytes, bytes]:
     try:
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as e:
-        raise CurveKeyError(f"{option} {path}: cannot read a CURVE key: {e}") from None
+        raise CurveKeyError(f"{option} {path}: cannot read a CURVE key: {e}") from e
     if secret is None:
         raise CurveKeyError(f"{option} {path} holds only a public key; pass the .key_secret file "
                         "made by `npyloader keygen`")

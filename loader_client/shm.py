@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loader_client.protocol import NONCE_BYTES
+from loader_client.protocol import NONCE_BYTES, ArraySpec
 
 SHM_DIR = "/dev/shm"
 # The segment's header, which loader_server/shm/slots.py writes: magic, layout version, nonce,
@@ -101,7 +101,7 @@ class LeaseTag:
 class Segment:
     """One server's slot segment, mapped read-only in this process."""
 
-    def __init__(self, offer: Offer, specs: tuple[tuple[str, str, tuple[int, ...]], ...], batch_size: int) -> None:
+    def __init__(self, offer: Offer, specs: tuple[ArraySpec, ...], batch_size: int) -> None:
         self.offer = offer
         self._check_layout(offer, specs, batch_size)
         path = os.path.join(SHM_DIR, offer.segment)
@@ -137,7 +137,7 @@ class Segment:
         self._specs = specs
 
     @staticmethod
-    def _check_layout(offer: Offer, specs: tuple[tuple[str, str, tuple[int, ...]], ...], batch_size: int) -> None:
+    def _check_layout(offer: Offer, specs: tuple[ArraySpec, ...], batch_size: int) -> None:
         """Refuse a layout that would read past a slot or the segment: touching an unmapped page
         kills the process, so nothing the server says is trusted blindly."""
         if offer.base < HEADER.size or len(offer.offsets) != len(specs):

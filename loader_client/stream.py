@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,7 +48,18 @@ Curve = ClientCurve | tuple[str, str] | None
 
 
 class ServerError(RuntimeError):
-    """The server refused a request or could not build a batch; the message says why."""
+    """The server refused a request or could not build a batch; the message says why and,
+    when a worker failed, ends with that worker's traceback."""
+
+
+def error_text(msg: protocol.Message) -> str:
+    """An `error` reply as a reader wants it: the server's message, then the traceback of the
+    worker where the batch failed, re-raised in the spirit of torch's ExceptionWrapper."""
+    tb = msg.get("traceback")
+    if not tb:
+        return msg["message"]
+    body = tb.removeprefix("Traceback (most recent call last):\n")
+    return f"{msg['message']}\n\nOriginal Traceback (most recent call last):\n{body}"
 
 
 @dataclass(frozen=True)
@@ -59,7 +70,7 @@ class DatasetInfo:
     num_samples: int
     batch_size: int
     batches: int
-    specs: tuple[tuple[str, str, tuple[int, ...]], ...]
+    specs: tuple[protocol.ArraySpec, ...]  # one sample of each array
 
 
 class Connection:
@@ -106,6 +117,12 @@ class Connection:
         self._lent_live = 0                   # slots lent to us and not yet given back
         self._handed_live = 0                 # of those, batches the program got and still holds
         self.copied = 0
+        # what the I/O thread does with each message the server may send, under self._cv
+        self._handlers: dict[str, Callable[[protocol.Message], None]] = {
+            "welcome": self._on_welcome, "batch": self._on_batch, "error": self._on_error,
+            "pong": self._on_pong, "stats_reply": self._on_stray_stats,
+            "slot": self._on_slot, "attached": self._on_attached,
+        }
         self._ctx = zmq.Context.instance()
         self._waker = Waker()
         self._thread = threading.Thread(target=self._io_loop, name=f"npyloader-io-{dataset}", daemon=True)
@@ -339,31 +356,33 @@ class Connection:
 
     def _on_message(self, frames: list[zmq.Frame]) -> None:
         try:
-            msg = protocol.decode(frames, allowed=frozenset({"welcome", "batch", "slot", "attached", "error", "pong"}))
-        except Exception as e:  # never let one bad message stop the I/O thread
+            msg = protocol.decode(frames, allowed=protocol.SERVER_TO_CLIENT)
+        except Exception as e:  # never let one bad message stop the I/O thread (a validator bug included)
             log.error("dropped a malformed message from %s: %s", self.url, e)
             return
         with self._cv:
-            if msg.type == "batch":
-                key = (msg["epoch"], msg["index"])
-                if key in self._outstanding:
-                    self._outstanding.discard(key)
-                    problem = self._unlike_welcome(msg.arrays)
-                    if problem:
-                        self._failed[key] = problem
-                    else:
-                        self._ready[key] = tuple(msg.arrays.values())
-                        self.batches += 1
-                        self.bytes += sum(a.nbytes for a in msg.arrays.values())
-            elif msg.type == "slot":
-                self._on_slot(msg)
-            elif msg.type == "attached":
-                self._on_attached(msg)
-            elif msg.type == "welcome":
-                self._on_welcome(msg)
-            elif msg.type == "error":
-                self._on_error(msg)
+            self._handlers[msg.type](msg)
             self._cv.notify_all()
+
+    def _on_batch(self, msg: protocol.Message) -> None:
+        key = (msg["epoch"], msg["index"])
+        if key not in self._outstanding:
+            return  # not asked for, or cancelled since
+        self._outstanding.discard(key)
+        problem = self._unlike_welcome(msg.arrays)
+        if problem:
+            self._failed[key] = problem
+        else:
+            self._ready[key] = tuple(msg.arrays.values())
+            self.batches += 1
+            self.bytes += sum(a.nbytes for a in msg.arrays.values())
+
+    def _on_pong(self, msg: protocol.Message) -> None:
+        """Nothing more to do: hearing from the server at all is what resets the ping timer."""
+
+    def _on_stray_stats(self, msg: protocol.Message) -> None:
+        """This socket never asks for stats (`request_stats` uses a socket of its own)."""
+        log.debug("ignored a stats reply from %s that this session did not ask for", self.url)
 
     def _on_slot(self, msg: protocol.Message) -> None:
         """A batch lent in shared memory. Whatever becomes of it (read, not asked for, refused),
@@ -435,7 +454,7 @@ class Connection:
         a batch, would otherwise reach the caller as if it were the batch asked for."""
         assert self.info is not None  # batches are asked for only after the welcome
         specs, limit = list(self.info.specs), self.info.batch_size
-        got = [(name, a.dtype.str, a.shape[1:]) for name, a in arrays.items()]
+        got = [protocol.ArraySpec(name, a.dtype.str, a.shape[1:]) for name, a in arrays.items()]
         rows = {a.shape[0] if a.ndim else -1 for a in arrays.values()}
         if got == specs and len(rows) == 1 and 0 <= min(rows) <= limit:
             return None
@@ -444,7 +463,7 @@ class Connection:
 
     def _on_welcome(self, msg: protocol.Message) -> None:
         info = DatasetInfo(msg["dataset"], msg["num_samples"], msg["batch_size"], msg["batches"],
-                           tuple((n, d, tuple(s)) for n, d, s in msg["specs"]))
+                           tuple(protocol.ArraySpec.from_wire(s) for s in msg["specs"]))
         if self.info is not None and info != self.info:
             self._fatal = ServerError(
                 f"{self.url} came back serving a different '{self.dataset}' ({info}) than before "
@@ -460,7 +479,7 @@ class Connection:
         self._attach(msg.get("shm"))
 
     def _on_error(self, msg: protocol.Message) -> None:
-        code, text = msg["code"], msg["message"]
+        code, text = msg["code"], error_text(msg)
         if code == "shm_refused":
             self._no_shm(text)
             return
@@ -506,10 +525,12 @@ def request_stats(url: str, timeout: float = 5.0, curve: Curve = None) -> dict:
             raise TimeoutError(f"no answer from {url} within {timeout:g}s: is `npyloader serve` running there?")
         # the stats list every client and every worker (with its host name), so with enough of
         # them they outgrow an ordinary header
-        msg = protocol.decode(sock.recv_multipart(), allowed=frozenset({"stats_reply", "error"}),
+        msg = protocol.decode(sock.recv_multipart(), allowed=protocol.SERVER_TO_CLIENT,
                               max_header_bytes=protocol.MAX_SETUP_BYTES)
         if msg.type == "error":
-            raise ServerError(f"{url}: {msg['message']}")
+            raise ServerError(f"{url}: {error_text(msg)}")
+        if msg.type != "stats_reply":
+            raise ServerError(f"{url} answered a stats request with '{msg.type}'")
         return msg["stats"]
     finally:
         sock.close(0)

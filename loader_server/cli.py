@@ -194,6 +194,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
+    from loader_client.rates import with_rates
+    from loader_client.stats_view import render
     from loader_client.stream import request_stats
 
     curve = _client_curve(args)
@@ -208,31 +210,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(stats, indent=2, sort_keys=True))
     else:
-        print(format_stats(args.endpoint, stats))
+        print("\n".join(render(args.endpoint, with_rates(None, stats))))
     return 0
-
-
-def format_stats(endpoint: str, s: dict) -> str:
-    w = s["workers"]
-    lines = [f"npyloader at {endpoint}: up {s['uptime_s']:.0f}s, {s['batches_served']} batches "
-             f"({s['bytes_served'] / 1e6:.1f} MB) served",
-             f"workers: {w['alive']} alive, {w['ready']} ready, {w['respawns']} respawned, "
-             f"{w['requeued_batches']} batches requeued"]
-    for name, d in s["datasets"].items():
-        lines.append(f"  dataset {name}: {d['samples']} samples, {d['batches']} batches of {d['batch_size']}")
-    for wk in w["list"]:
-        kind = "local" if wk["local"] else "remote"
-        lines.append(f"  {kind} worker {wk['id']} pid {wk['pid']} on {wk['host']}: {wk['batches']} batches, "
-                     f"{wk['batches_per_s']:.1f}/s, busy {wk['busy_pct']:.0f}%, "
-                     f"last heartbeat {wk['last_heartbeat_s']:.1f}s ago")
-    lines.append(f"clients: {len(s['clients'])}")
-    for c in s["clients"]:
-        wait = c["wait_s"] / c["connected_s"] if c["connected_s"] else 0.0
-        lines.append(f"  {c['id'][:8]} {c['dataset']}: {c['batches']} batches, {c['bytes'] / 1e6:.1f} MB, "
-                     f"waited {c['wait_s']:.2f}s ({wait:.0%} of its time), {c['pending']} queued")
-    if s["rejected"]:
-        lines.append("rejected messages: " + ", ".join(f"{k} {v}" for k, v in s["rejected"].items()))
-    return "\n".join(lines)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

@@ -123,8 +123,8 @@ def parse_shape(text: str, option: str = "--x-shape") -> tuple[int, ...]:
     parts = text.replace("x", ",").split(",")
     try:
         shape = tuple(int(p) for p in parts if p.strip())
-    except ValueError:
-        raise ConfigError(f"{option} {text!r} must be integers like 64,64 or 64,64,3") from None
+    except ValueError as e:
+        raise ConfigError(f"{option} {text!r} must be integers like 64,64 or 64,64,3") from e
     if not shape:
         raise ConfigError(f"{option} {text!r} is empty; use e.g. 64,64")
     return shape
@@ -160,10 +160,10 @@ def load_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(path)
     try:
         raw = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"--config {p}: no such file") from None
+    except FileNotFoundError as e:
+        raise ConfigError(f"--config {p}: no such file") from e
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"--config {p}: not valid TOML: {e}") from None
+        raise ConfigError(f"--config {p}: not valid TOML: {e}") from e
     tables = raw.get("datasets")
     if not isinstance(tables, dict) or not tables:
         raise ConfigError(f"--config {p}: needs at least one [datasets.NAME] table")

@@ -191,7 +191,7 @@ def start_exporter(port: int, host: str, collector: SnapshotCollector, what: str
         from loader_server.config import ConfigError
 
         raise ConfigError(f"--metrics-port {port}: cannot listen on {host}:{port} ({e.strerror}); "
-                          "choose another port") from None
+                          "choose another port") from e
     log.info("%s metrics for Prometheus at http://%s:%d/metrics", what, host, server.server_port)
     return server
 

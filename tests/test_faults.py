@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import time
@@ -132,6 +133,47 @@ def test_a_batch_that_kills_every_worker_is_failed_naming_its_files_after_three_
     assert sorted(got) == sorted(set(range(n)) - set(range(16, 24))), "every other batch exactly once"
     wait_for(lambda: request_stats(server.endpoint)["workers"]["respawns"] >= 3, 30, "three crashed workers replaced")
     wait_for(lambda: len(server.workers()) == 2, 30, "two live workers again")
+
+
+RAISE_OP = ("def reject_sample(x, y, rng, sample=-1):\n"
+            "    if int(y) == sample:\n"
+            "        raise ValueError(f'sample {int(y)} is not welcome here')\n"
+            "    return x, y\n")
+
+
+@pytest.mark.parametrize("where", ["local", "remote"])
+def test_an_augment_op_that_raises_fails_its_batch_with_the_workers_traceback(
+        start_server, start_worker, tmp_path, monkeypatch, where):
+    from loader_client import ServerError
+    from tests.conftest import write_id_dataset
+
+    (tmp_path / "raisepkg").mkdir()
+    (tmp_path / "raisepkg" / "__init__.py").write_text("")
+    (tmp_path / "raisepkg" / "augs.py").write_text(RAISE_OP)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    write_id_dataset(tmp_path / "d", [16, 16, 16])
+    args = ("--data", str(tmp_path / "d"), "--label-column", "-1", "--batch-size", "8", "--no-shuffle",
+            "--augment", "raisepkg.augs:reject_sample:sample=21")
+    if where == "local":
+        server = start_server(*args, workers=1)
+        worker_log = server.log
+    else:
+        server = start_server(*args, "--worker-bind", "tcp://127.0.0.1:0", workers=0)
+        worker_log = start_worker(server.worker_endpoint).log
+        wait_for(lambda: request_stats(server.endpoint)["workers"]["ready"] == 1, 60, "the remote worker")
+    with BatchStream(server.endpoint, timeout=60) as stream:
+        conn = stream._conn
+        with pytest.raises(ServerError) as failed:
+            conn.get(0, 2)
+        assert ids(conn.get(0, 3)) == list(range(24, 32)), "the worker carries on with the next batch"
+    text = str(failed.value)
+    assert re.search(r"could not build batch 2 of epoch 0 of 'train': worker \S+ failed: sample 21 "
+                     r"\(\S*part-001\.npy row 5\): augment op 'raisepkg\.augs:reject_sample:sample=21' failed: "
+                     r"sample 21 is not welcome here", text), text
+    assert "\nOriginal Traceback (most recent call last):\n" in text and ", in reject_sample\n" in text, text
+    assert text.rstrip().endswith("sample 21 is not welcome here"), "the traceback ends with the exception line"
+    wait_for(lambda: "Traceback (most recent call last)" in worker_log() and ", in reject_sample" in worker_log(),
+             10, "the traceback in the worker's log")
 
 
 def drop_read_permission(path) -> None:

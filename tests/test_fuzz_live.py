@@ -40,7 +40,6 @@ from hypothesis import strategies as st
 
 from loader_client import protocol
 from loader_client.stream import Connection, DatasetInfo, ServerError, request_stats
-from loader_server.serve.broker import CLIENT_MESSAGES, WORKER_MESSAGES
 from tests.conftest import (
     READY,
     WORKER_ENDPOINT,
@@ -65,8 +64,8 @@ RETIRE_TIMEOUT_S = 10.0
 CLIENT_MAXMSGSIZE = protocol.MAX_REQUEST_BYTES
 WORKER_MAXMSGSIZE = BATCH * (FEATURES + 1) * 4 + protocol.MAX_REQUEST_BYTES
 
-TO_CLIENT = frozenset({"welcome", "batch", "slot", "attached", "pong", "stats_reply", "error"})
-TO_WORKER = frozenset({"setup", "task", "heartbeat", "rejoin", "stop"})
+CLIENT_MESSAGES, WORKER_MESSAGES = protocol.CLIENT_TO_SERVER, protocol.WORKER_TO_BROKER
+TO_CLIENT, TO_WORKER = protocol.SERVER_TO_CLIENT, protocol.BROKER_TO_WORKER
 ERROR_CODES = frozenset({"bad_message", "unknown_client", "unknown_dataset", "out_of_range",
                          "credit_exceeded", "batch_failed", "shm_refused", "bad_release"})
 

@@ -142,7 +142,7 @@ def test_zero_dim_array_keeps_its_shape():
 
 def test_encode_header_matches_encode():
     arr = sample_array("<f4", (2, 3))
-    raw = protocol.encode_header("batch", {"epoch": 4, "index": 2}, [("x", arr.dtype.str, arr.shape)])
+    raw = protocol.encode_header("batch", {"epoch": 4, "index": 2}, [protocol.ArraySpec.of("x", arr)])
     msg = decode([raw, arr.tobytes()])
     assert msg["epoch"] == 4 and msg["index"] == 2
     np.testing.assert_array_equal(msg.arrays["x"], arr)
@@ -460,3 +460,95 @@ def test_array_round_trip_property(dtype, shape, data):
     bad = frames[1][:len(frames[1]) + delta] if delta < 0 else frames[1] + b"\x00" * delta
     with pytest.raises(ProtocolError, match="declares"):
         decode([frames[0], bad])
+
+
+# ---------------------------------------------------------------------------------------------
+# The vocabulary by direction, ArraySpec, clip, and the tables that answer each direction
+
+
+def test_the_four_directions_make_up_the_whole_vocabulary():
+    directions = [protocol.CLIENT_TO_SERVER, protocol.SERVER_TO_CLIENT, protocol.WORKER_TO_BROKER,
+                  protocol.BROKER_TO_WORKER]
+    assert set().union(*directions) == set(protocol.SCHEMAS)
+    assert not protocol.CLIENT_TO_SERVER & (protocol.SERVER_TO_CLIENT | protocol.WORKER_TO_BROKER
+                                            | protocol.BROKER_TO_WORKER), "no client message is another's"
+    assert protocol.WORKER_TO_BROKER & protocol.BROKER_TO_WORKER == {"heartbeat"}, "both sides heartbeat"
+
+
+def test_array_spec_keeps_the_wire_format_of_name_dtype_shape_lists():
+    spec = protocol.ArraySpec.from_wire(["x", "<f4", [16, 3]])
+    assert spec == protocol.ArraySpec("x", "<f4", (16, 3)) == ("x", "<f4", (16, 3))
+    assert spec.to_wire() == ["x", "<f4", [16, 3]]
+    assert spec.batched(8) == ("x", "<f4", (8, 16, 3)) and spec.nbytes == 16 * 3 * 4
+    raw = protocol.encode_header("batch", {"epoch": 0, "index": 0}, [spec.batched(0)])
+    assert msgpack.unpackb(raw)["arrays"] == [["x", "<f4", [0, 16, 3]]]
+
+
+def test_clip_fits_a_field_in_bytes_keeping_the_head_or_the_tail():
+    text = "start " + "é" * 20_000 + " end"
+    head, tail = protocol.clip(text), protocol.clip(text, tail=True)
+    for cut in (head, tail):
+        assert len(cut.encode()) <= protocol.MAX_TEXT, "non-ASCII text fits the byte limit too"
+        assert "bytes cut" in cut
+    assert head.startswith("start ") and tail.endswith(" end")
+    assert protocol.clip("short") == "short"
+    # a file name's undecodable bytes (lone surrogates) become text msgpack can send
+    assert decode(encode("failed", {"task": 1, "message": protocol.clip("bad-\udcff.npy")}))["message"] == \
+        "bad-\\udcff.npy"
+
+
+def test_each_handler_table_covers_exactly_its_direction(monkeypatch):
+    import zmq
+
+    from loader_client.stream import Connection
+    from loader_server.serve.broker import Broker
+    from loader_server.worker.loop import WorkerLoop
+
+    broker = Broker({}, None, None, None, None)
+    assert set(broker._client_handlers) == protocol.CLIENT_TO_SERVER
+    assert set(broker._worker_handlers) == protocol.WORKER_TO_BROKER
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    loop = WorkerLoop(ctx, sock, None, [], 1.0)
+    try:
+        assert set(loop._handlers) == protocol.BROKER_TO_WORKER
+    finally:
+        loop.close()
+        sock.close(0)
+        ctx.term()
+
+    monkeypatch.setattr(Connection, "_handshake", lambda self: None)  # no server to greet
+    conn = Connection("tcp://127.0.0.1:9", timeout=1)
+    try:
+        assert set(conn._handlers) == protocol.SERVER_TO_CLIENT
+    finally:
+        conn.close()
+
+
+def test_a_failed_batch_carries_the_innermost_frames_and_the_client_shows_them_like_torch():
+    from loader_client.stream import error_text
+    from loader_server.worker.loop import short_traceback
+
+    def innermost_op(depth: int) -> None:
+        if depth:
+            innermost_op(depth - 1)
+        raise ValueError("bad sample " + "x" * 40_000)
+
+    try:
+        try:
+            innermost_op(50)
+        except ValueError as e:
+            raise RuntimeError("sample 7 (part-000.npy row 7): augment op 'pkg:op' failed") from e
+    except RuntimeError as e:
+        tb = short_traceback(e)
+    assert len(tb.encode()) <= protocol.MAX_TEXT
+    assert "in innermost_op" in tb and tb.rstrip().endswith("augment op 'pkg:op' failed"), tb[-300:]
+    assert tb.count("in innermost_op") <= 8, "only the last frames of a deep stack"
+    reply = decode(encode("error", {"code": "batch_failed", "message": "worker local-0 failed: boom",
+                                    "epoch": 0, "index": 1, "traceback": tb}))
+    text = error_text(reply)
+    assert text.startswith("worker local-0 failed: boom\n\nOriginal Traceback (most recent call last):\n")
+    assert "in innermost_op" in text
+    plain = decode(encode("error", {"code": "out_of_range", "message": "batch 99 is out of range"}))
+    assert error_text(plain) == "batch 99 is out of range"

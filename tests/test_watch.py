@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from loader_client import BatchStream, request_stats
-from loader_server.tools.watch import fit, table
+from loader_client.stats_view import table
+from loader_server.tools.watch import fit
 from tests.conftest import free_port, serve_command, wait_for
 
 ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

@@ -555,7 +555,7 @@ def _build_custom(spec: OpSpec) -> _CustomOp:
             "(install the package or add its folder to PYTHONPATH)"
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:
+    except Exception as exc:  # importing user code runs it, and it may raise anything; say which spec
         raise _spec_error(spec.text, f"cannot import module '{module_name}' ({exc}); {where}") \
             from exc
     fn = getattr(module, func_name, None)
@@ -623,7 +623,7 @@ class Pipeline:
                     out_x, out_y = op(out_x, out_y, rng)
                 else:
                     out_x = op(out_x, None, rng)[0]
-            except Exception as exc:
+            except Exception as exc:  # an op (a custom one above all) may raise anything; name the op
                 raise AugmentError(f"augment op '{spec.text}' failed: {exc}") from exc
         return _detach(np.asarray(out_x), x), _detach(out_y, y)
 

@@ -14,6 +14,7 @@ import os
 from dataclasses import asdict
 from typing import Any
 
+from loader_client.protocol import ArraySpec
 from loader_server.config import DatasetConfig
 from loader_server.data.index import DatasetIndex
 
@@ -42,7 +43,7 @@ def server_root(cfgs: dict[str, DatasetConfig], indexes: dict[str, DatasetIndex]
 
 
 def describe(cfgs: dict[str, DatasetConfig], indexes: dict[str, DatasetIndex],
-             specs: dict[str, list[tuple[str, str, tuple[int, ...]]]]) -> dict[str, Any]:
+             specs: dict[str, list[ArraySpec]]) -> dict[str, Any]:
     """The `setup` payload a joining worker needs: configs with absolute paths, fingerprints."""
     datasets = []
     for name, cfg in cfgs.items():
@@ -54,7 +55,7 @@ def describe(cfgs: dict[str, DatasetConfig], indexes: dict[str, DatasetIndex],
         datasets.append({
             "name": name, "config": config, "fingerprint": indexes[name].fingerprint(),
             "manifest": [list(row) for row in indexes[name].manifest()],
-            "specs": [[n, d, list(s)] for n, d, s in specs[name]],
+            "specs": [spec.to_wire() for spec in specs[name]],
         })
     return {"root": server_root(cfgs, indexes), "datasets": datasets}
 

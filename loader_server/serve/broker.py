@@ -46,8 +46,6 @@ BUSY_POLL_MS = 2
 SILENCE_BEATS = 3
 MAX_BATCH_CRASHES = 3
 RELAY_QUEUE = 16
-CLIENT_MESSAGES = frozenset({"hello", "request", "cancel", "ping", "stats", "bye", "attach", "release"})
-WORKER_MESSAGES = frozenset({"join", "ready", "refused", "heartbeat", "done", "failed"})
 LOCAL, REMOTE = b"L", b"R"  # which worker socket a worker is on: the first byte of its key
 
 
@@ -59,7 +57,7 @@ class ServedDataset:
     name: str
     index: DatasetIndex
     plan: Plan
-    specs: list[tuple[str, str, tuple[int, ...]]]
+    specs: list[protocol.ArraySpec]  # one sample of each array
     slots: SlotPool | None
     index_s: float = 0.0
     counters: DatasetCounters = field(default_factory=DatasetCounters)
@@ -154,6 +152,18 @@ class Broker:
         self.publish_s: float | None = None
         self._next_publish = 0.0
         self.rejected: Counter[str] = Counter()
+        # What each message is answered with, by the direction it came from. Client handlers
+        # take (identity, message); worker handlers also the received array frames, which a
+        # remote worker's `done` carries and the broker forwards as they are.
+        self._client_handlers: dict[str, Callable[[bytes, protocol.Message], None]] = {
+            "hello": self._client_hello, "request": self._client_request, "cancel": self._client_cancel,
+            "ping": self._client_ping, "stats": self._client_stats, "bye": self._client_bye,
+            "attach": self._client_attach, "release": self._client_release,
+        }
+        self._worker_handlers: dict[str, Callable[[bytes, protocol.Message, list[zmq.Frame]], None]] = {
+            "join": self._worker_join, "ready": self._worker_ready, "refused": self._worker_refused,
+            "heartbeat": self._worker_heartbeat, "done": self._worker_done, "failed": self._worker_failed,
+        }
 
     def run(self, should_stop: Callable[[], bool]) -> None:
         poller = self._poller()
@@ -230,7 +240,7 @@ class Broker:
     def _on_client(self, frames: list[zmq.Frame]) -> None:
         identity = frames[0].bytes
         try:
-            msg = protocol.decode(frames[1:], allowed=CLIENT_MESSAGES)
+            msg = protocol.decode(frames[1:], allowed=protocol.CLIENT_TO_SERVER)
         except Exception as e:  # a validator bug must cost one message, never the server
             self.rejected[_reason(e)] += 1
             log.warning("rejected a malformed message from client %s: %s", identity.hex(), e)
@@ -239,7 +249,7 @@ class Broker:
         client = self.clients.get(identity)
         if client is not None:
             client.last_seen = time.monotonic()
-        getattr(self, f"_client_{msg.type}")(identity, msg)
+        self._client_handlers[msg.type](identity, msg)
 
     def _client_hello(self, identity: bytes, msg: protocol.Message) -> None:
         ds = self.datasets.get(msg["dataset"])
@@ -252,7 +262,7 @@ class Broker:
         self.clients[identity] = Client(identity, ds, plan)
         log.info("client %s joined dataset '%s' (shard %s)", identity.hex(), ds.name, msg.get("shard"))
         welcome = {"dataset": ds.name, "num_samples": plan.shard_size, "batch_size": plan.batch_size,
-                   "batches": plan.num_batches, "specs": [[n, d, list(s)] for n, d, s in ds.specs]}
+                   "batches": plan.num_batches, "specs": [spec.to_wire() for spec in ds.specs]}
         if ds.slots is not None:
             layout = ds.slots.layout
             welcome["shm"] = {"segment": layout.shm_name, "bytes": layout.total_bytes, "base": layout.base,
@@ -375,7 +385,7 @@ class Broker:
         peer on the remote endpoint can never pass for a local worker, whatever it claims."""
         identity = via + frames[0].bytes
         try:
-            msg = protocol.decode(frames[1:], allowed=WORKER_MESSAGES)
+            msg = protocol.decode(frames[1:], allowed=protocol.WORKER_TO_BROKER)
         except Exception as e:  # a validator bug must cost one message, never the server
             self.rejected[_reason(e)] += 1
             log.error("rejected a malformed message from worker %r: %s", identity, e)
@@ -383,19 +393,27 @@ class Broker:
         worker = self.workers.get(identity)
         if worker is not None:
             worker.last_seen = time.monotonic()
-        if msg.type == "join":
-            if self.setup is not None:
-                self._send_worker(identity, self.setup)
-        elif msg.type == "ready":
-            self._worker_ready(identity, msg)
-        elif msg.type == "refused":
-            log.error("a worker refused to join: %s", msg["message"])
-        elif worker is None:
-            self._send_worker(identity, protocol.encode("rejoin"))
-        elif msg.type in ("done", "failed"):
-            self._worker_result(worker, msg, frames[2:])
+        self._worker_handlers[msg.type](identity, msg, frames[2:])
 
-    def _worker_ready(self, identity: bytes, msg: protocol.Message) -> None:
+    def _registered(self, identity: bytes) -> Worker | None:
+        """The worker, or None after asking it to join again: the broker restarted, or declared
+        it dead while it was only slow."""
+        worker = self.workers.get(identity)
+        if worker is None:
+            self._send_worker(identity, protocol.encode("rejoin"))
+        return worker
+
+    def _worker_join(self, identity: bytes, msg: protocol.Message, array_frames: list[zmq.Frame]) -> None:
+        if self.setup is not None:
+            self._send_worker(identity, self.setup)
+
+    def _worker_refused(self, identity: bytes, msg: protocol.Message, array_frames: list[zmq.Frame]) -> None:
+        log.error("a worker refused to join: %s", msg["message"])
+
+    def _worker_heartbeat(self, identity: bytes, msg: protocol.Message, array_frames: list[zmq.Frame]) -> None:
+        self._registered(identity)  # a known worker's `last_seen` is all a heartbeat updates
+
+    def _worker_ready(self, identity: bytes, msg: protocol.Message, array_frames: list[zmq.Frame]) -> None:
         if identity in self.workers:
             return  # a repeated ready (joins queued while the server was away); its tasks stand
         local = identity[:1] == LOCAL  # where it connected decides, never what it says
@@ -407,20 +425,26 @@ class Broker:
         self.workers[identity] = worker
         log.info("worker %s (pid %d on %s) ready", worker.name, worker.pid, worker.host)
 
-    def _worker_result(self, worker: Worker, msg: protocol.Message, array_frames: list[zmq.Frame]) -> None:
-        task = worker.tasks.pop(msg["task"], None)
-        if task is None:
+    def _worker_done(self, identity: bytes, msg: protocol.Message, array_frames: list[zmq.Frame]) -> None:
+        worker = self._registered(identity)
+        if worker is None or (task := worker.tasks.pop(msg["task"], None)) is None:
             return  # a batch already requeued when its worker was declared dead
-        if msg.type == "done":
-            worker.batches += 1
-            worker.busy_s += msg["busy_s"]
-            task.dataset.counters.built(msg["busy_s"], msg.get("read_s", 0.0), msg.get("augment_s", 0.0))
-            if task.slot is None:
-                self._forward(task, msg, array_frames)
-            else:
-                self._deliver(task, msg["rows"])
-            return
-        self._fail(task, msg["message"])
+        worker.batches += 1
+        worker.busy_s += msg["busy_s"]
+        task.dataset.counters.built(msg["busy_s"], msg.get("read_s", 0.0), msg.get("augment_s", 0.0))
+        if task.slot is None:
+            self._forward(task, msg, array_frames)
+        else:
+            self._deliver(task, msg["rows"])
+
+    def _worker_failed(self, identity: bytes, msg: protocol.Message, array_frames: list[zmq.Frame]) -> None:
+        worker = self._registered(identity)
+        if worker is None or (task := worker.tasks.pop(msg["task"], None)) is None:
+            return  # a batch already requeued when its worker was declared dead
+        problem = f"worker {worker.name} failed: {msg['message']}"
+        # the traceback is in the worker's own log, which for a remote worker is on another host
+        log.warning("batch %d of epoch %d of '%s' failed: %s", task.index, task.epoch, task.dataset.name, problem)
+        self._fail(task, problem, msg.get("traceback"))
 
     # -- dispatching and delivering ----------------------------------------------------------
 
@@ -525,8 +549,8 @@ class Broker:
             self._release(task)
             return
         rows = msg["rows"]
-        expected = [(n, d, (rows, *s)) for n, d, s in task.dataset.specs]
-        got = [(n, a.dtype.str, a.shape) for n, a in msg.arrays.items()]
+        expected = [spec.batched(rows) for spec in task.dataset.specs]
+        got = [protocol.ArraySpec.of(name, a) for name, a in msg.arrays.items()]
         if got != expected or rows > task.dataset.plan.batch_size:
             problem = f"a worker sent batch {task.index} as {got}, but this dataset's batches are {expected}"
             log.error("%s (does that worker run another npyloader version or augment code?)", problem)
@@ -668,12 +692,13 @@ class Broker:
         log.error("%s; failing it instead of retrying", problem)
         self._fail(task, problem)
 
-    def _fail(self, task: Task, problem: str) -> None:
-        """The batch will not be sent: free what it holds and tell its client why."""
+    def _fail(self, task: Task, problem: str, traceback: str | None = None) -> None:
+        """The batch will not be sent: free what it holds and tell its client why (with the
+        worker's traceback when a worker raised)."""
         self._release(task)
         self.failed += 1
         self._finish(task)
-        self._error(task.client, "batch_failed", problem, epoch=task.epoch, index=task.index)
+        self._error(task.client, "batch_failed", problem, traceback, epoch=task.epoch, index=task.index)
 
     def _mark_runnable(self, identity: bytes) -> None:
         if identity not in self._runnable:
@@ -710,9 +735,11 @@ class Broker:
         except zmq.ZMQError as e:
             log.warning("could not reach worker %r: %s", identity, e)
 
-    def _error(self, identity: bytes, code: str, message: str, **where: int) -> None:
-        self._send_client(identity, protocol.encode("error", {"code": code, "message": protocol.clip(message),
-                                                              **where}))
+    def _error(self, identity: bytes, code: str, message: str, traceback: str | None = None, **where: int) -> None:
+        fields: dict[str, Any] = {"code": code, "message": protocol.clip(message), **where}
+        if traceback:
+            fields["traceback"] = protocol.clip(traceback, tail=True)
+        self._send_client(identity, protocol.encode("error", fields))
 
     # -- stats -----------------------------------------------------------------------------
 

@@ -42,7 +42,7 @@ PUBLISH_S = 0.5
 MIN_SLOTS = 32
 
 
-def output_arrays(index: DatasetIndex, cfg: DatasetConfig) -> list[tuple[str, str, tuple[int, ...]]]:
+def output_arrays(index: DatasetIndex, cfg: DatasetConfig) -> list[protocol.ArraySpec]:
     """Shape and dtype of one served sample, found by running the augmentation on sample 0.
 
     Ops such as `crop` change the shape and value ops change the dtype, so the only honest
@@ -56,15 +56,15 @@ def output_arrays(index: DatasetIndex, cfg: DatasetConfig) -> list[tuple[str, st
             x, y = pipeline(x, y, sample_rng(cfg.seed, 0, 0))
     finally:
         reader.close()
-    return [(name, np.asarray(v).dtype.newbyteorder("=").str, tuple(np.shape(v)))
+    return [protocol.ArraySpec(name, np.asarray(v).dtype.newbyteorder("=").str, tuple(np.shape(v)))
             for name, v in (("x", x), ("y", y)) if v is not None]
 
 
-def _slot_pool(name: str, nslots: int, batch_size: int, arrays: list[tuple[str, str, tuple[int, ...]]]) -> SlotPool:
+def _slot_pool(name: str, nslots: int, batch_size: int, arrays: list[protocol.ArraySpec]) -> SlotPool:
     try:
         return SlotPool(nslots, batch_size, arrays, f"npyloader-{os.getpid()}-{name}")
     except ConfigError as e:
-        raise ConfigError(f"dataset '{name}': {e}") from None
+        raise ConfigError(f"dataset '{name}': {e}") from e
 
 
 LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
@@ -83,8 +83,8 @@ def _bind(sock: zmq.Socket, endpoint: str, option: str, encrypted: bool = False)
         if e.errno == zmq.EADDRINUSE:
             raise ConfigError(
                 f"{option} {endpoint}: address already in use (another npyloader serve? "
-                f"try `npyloader stats {endpoint}`); choose another port") from None
-        raise ConfigError(f"{option} {endpoint}: cannot bind: {e}") from None
+                f"try `npyloader stats {endpoint}`); choose another port") from e
+        raise ConfigError(f"{option} {endpoint}: cannot bind: {e}") from e
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
 
@@ -105,7 +105,7 @@ class Server:
         self._started = time.monotonic()
         try:
             self._setup()
-        except BaseException:
+        except BaseException:  # whatever stopped startup (Ctrl-C too), leave nothing behind; re-raised
             self.close()
             raise
 
@@ -134,8 +134,7 @@ class Server:
         self._csock.setsockopt(zmq.SNDHWM, 4 * protocol.MAX_CREDIT)
         self.endpoint = _bind(self._csock, cfg.bind, "--bind", cfg.curve is not None)
 
-        largest_batch = max(sum(d.batch_size * int(np.prod(s)) * np.dtype(t).itemsize for _, t, s in specs[n])
-                            for n, d in cfg.datasets.items())
+        largest_batch = max(sum(d.batch_size * spec.nbytes for spec in specs[n]) for n, d in cfg.datasets.items())
         # Local workers reach their own socket through a folder only this user can enter (no
         # CURVE needed there); remote workers get another, so none can pass for a local one.
         self._wsock = self._socket(largest_batch + protocol.MAX_REQUEST_BYTES, encrypted=False)

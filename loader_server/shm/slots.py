@@ -28,7 +28,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from loader_client.protocol import NONCE_BYTES
+from loader_client.protocol import NONCE_BYTES, ArraySpec
 from loader_client.shm import HEADER, HEADER_VERSION, MAGIC
 from loader_server.config import ConfigError
 
@@ -85,12 +85,12 @@ class SlotLayout:
         return [buf[base + a.offset: base + a.offset + rows * a.sample_bytes].toreadonly()
                 for a in self.arrays]
 
-    def specs(self, rows: int) -> list[tuple[str, str, tuple[int, ...]]]:
-        return [(a.name, a.dtype, (rows, *a.sample_shape)) for a in self.arrays]
+    def specs(self, rows: int) -> list[ArraySpec]:
+        """The arrays of a batch of `rows` in one slot, as its `batch` header describes them."""
+        return [ArraySpec(a.name, a.dtype, a.sample_shape).batched(rows) for a in self.arrays]
 
 
-def plan_layout(shm_name: str, nslots: int, batch_size: int,
-                arrays: list[tuple[str, str, tuple[int, ...]]]) -> SlotLayout:
+def plan_layout(shm_name: str, nslots: int, batch_size: int, arrays: list[ArraySpec]) -> SlotLayout:
     """Place each array of a batch at an aligned offset inside a slot."""
     layouts, offset = [], 0
     for name, dtype, shape in arrays:
@@ -105,13 +105,12 @@ class SlotPool:
 
     `name` (e.g. npyloader-PID-DATASET) says in /dev/shm whose segment it is."""
 
-    def __init__(self, nslots: int, batch_size: int,
-                 arrays: list[tuple[str, str, tuple[int, ...]]], name: str | None = None) -> None:
+    def __init__(self, nslots: int, batch_size: int, arrays: list[ArraySpec], name: str | None = None) -> None:
         size = plan_layout("", nslots, batch_size, arrays).total_bytes
         self._shm = shared_memory.SharedMemory(name=name, create=True, size=size)
         try:
             _reserve(self._shm.name, size)
-        except BaseException:
+        except BaseException:  # whatever stopped it (Ctrl-C too), leave no segment behind; re-raised
             self._shm.close()
             self._shm.unlink()
             raise
@@ -173,7 +172,7 @@ def _reserve(name: str, size: int) -> None:
         raise ConfigError(
             f"not enough shared memory: the batch slots need {size / 2**20:.0f} MiB in {SHM_DIR}, which has "
             f"{st.f_bavail * st.f_frsize / 2**20:.0f} MiB free; give it more (docker run --shm-size, compose "
-            f"shm_size, Kubernetes an emptyDir with medium: Memory at /dev/shm) or lower --batch-size") from None
+            f"shm_size, Kubernetes an emptyDir with medium: Memory at /dev/shm) or lower --batch-size") from e
     finally:
         os.close(fd)
 

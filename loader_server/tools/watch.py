@@ -1,9 +1,10 @@
 """`npyloader stats --watch`: a live view of a running server, refreshed every interval.
 
-Three renderings of the same figures, chosen by where the output goes: on a terminal the
-view is redrawn in place with plain ANSI cursor codes (no curses, so it works over ssh and in
-any terminal emulator) and cut to the terminal's size; into a pipe or file each refresh is a
-timestamped block of plain lines, so `| tee log` and log shippers get readable text; with
+Three presentations of the same figures, chosen by where the output goes: on a terminal the
+view (`loader_client.stats_view`: the tables `npyloader stats` prints) is redrawn in place
+with plain ANSI cursor codes (no curses, so it works over ssh and in any terminal emulator)
+and cut to the terminal's size; into a pipe or file each refresh is a timestamped block of
+the same plain lines, so `| tee log` and log shippers get readable text; with
 `--json` each refresh is one JSON object per line. Rates are over the last interval (the
 difference of two consecutive replies), since totals since startup hide what is happening now.
 A server that stops answering is reported and retried, never a crash: the point of watching
@@ -19,9 +20,10 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, TextIO
+from typing import TextIO
 
 from loader_client.rates import Stats, with_rates
+from loader_client.stats_view import render
 from loader_client.stream import ServerError
 
 HOME = "\x1b[H"
@@ -70,9 +72,9 @@ def _show(out: TextIO, endpoint: str, stats: Stats, *, tty: bool, as_json: bool)
     if as_json:
         out.write(json.dumps({"time": time.time(), "endpoint": endpoint, **stats}, sort_keys=True) + "\n")
     elif tty:
-        _redraw(out, view(endpoint, stats))
+        _redraw(out, render(endpoint, stats))
     else:
-        out.write(f"--- {_now()}\n" + "\n".join(view(endpoint, stats)) + "\n\n")
+        out.write(f"--- {_now()}\n" + "\n".join(render(endpoint, stats)) + "\n\n")
 
 
 def _show_failure(out: TextIO, endpoint: str, error: Exception, *, tty: bool, as_json: bool) -> None:
@@ -104,61 +106,3 @@ def fit(lines: list[str], columns: int, rows: int) -> list[str]:
         hidden = len(lines) - room + 1
         lines = lines[:room - 1] + [f"... {hidden} more lines (enlarge the terminal, or use --json)"[:max(1, columns - 1)]]
     return lines
-
-
-def view(endpoint: str, s: Stats) -> list[str]:
-    """The figures as compact aligned tables: header, datasets, clients, workers.
-
-    MB/S, WAIT, BATCHES/S and BUSY are over the span the header names (the last interval, or
-    since start on the first refresh); WAIT TOTAL is over the client's whole connection.
-    """
-    dt = s["interval_s"]
-    head = (f"npyloader {endpoint}  up {_duration(s['uptime_s'])}, {s['batches_served']} batches, "
-            f"{s['bytes_served'] / 1e6:.1f} MB served; ")
-    head += (f"last {dt:.1f}s: {s['recent_batches_per_s']:.1f} batches/s, {s['recent_bytes_per_s'] / 1e6:.1f} MB/s"
-             if dt else "rates since start")
-    w = s["workers"]
-    lines = [head, f"workers {w['alive']} alive, {w['ready']} ready, {w['respawns']} respawned, "
-                   f"{w['requeued_batches']} batches requeued"]
-    if s.get("rejected"):
-        lines.append("rejected messages: " + ", ".join(f"{k} {v}" for k, v in s["rejected"].items()))
-    clients_of: dict[str, list[dict[str, Any]]] = {}
-    for c in s["clients"]:
-        clients_of.setdefault(c["dataset"], []).append(c)
-    lines += ["", *table(
-        ["DATASET", "SAMPLES", "BATCHES", "BATCH", "CLIENTS", "QUEUED"],
-        [[name, d["samples"], d["batches"], d["batch_size"], len(clients_of.get(name, [])),
-          d["queued"]] for name, d in s["datasets"].items()])]
-    lines += ["", *table(
-        ["CLIENT", "DATASET", "BATCHES", "MB", "MB/S", "WAIT", "WAIT TOTAL"],
-        [[c["id"][:8], c["dataset"], c["batches"], f"{c['bytes'] / 1e6:.1f}", f"{c['recent_bytes_per_s'] / 1e6:.1f}",
-          f"{c['recent_wait_fraction']:.0%}", f"{c['wait_fraction']:.0%}"] for c in s["clients"]])]
-    lines += ["", *table(
-        ["WORKER", "WHERE", "HOST", "PID", "BATCHES/S", "BUSY", "HEARTBEAT"],
-        [[wk["id"], "local" if wk["local"] else "remote", wk["host"], wk["pid"], f"{wk['recent_batches_per_s']:.1f}",
-          f"{wk['recent_busy_pct']:.0f}%", f"{wk['last_heartbeat_s']:.1f}s ago"] for wk in w["list"]])]
-    return lines
-
-
-def table(headers: list[str], rows: list[list[Any]]) -> list[str]:
-    """Columns as wide as their widest cell; text left, numbers right, so digits line up."""
-    if not rows:
-        return [headers[0] + "  (none)"]
-    cells = [headers, *[[str(v) for v in row] for row in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    numeric = [all(_numeric(row[i]) for row in cells[1:]) for i in range(len(headers))]
-    return ["  ".join(cell.rjust(w) if num else cell.ljust(w) for cell, w, num in zip(row, widths, numeric)).rstrip()
-            for row in cells]
-
-
-def _numeric(cell: str) -> bool:
-    return cell.rstrip("%").replace(".", "", 1).isdigit()
-
-
-def _duration(seconds: float) -> str:
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"

@@ -20,6 +20,7 @@ import signal
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,9 +38,8 @@ from loader_server.shm.slots import SlotLayout, SlotReader
 log = logging.getLogger(__name__)
 
 TASKS_IN_FLIGHT = 2
-WORKER_MESSAGES = frozenset({"task", "stop", "heartbeat", "rejoin", "setup"})
-
-Specs = list[tuple[str, str, tuple[int, ...]]]
+TRACEBACK_FRAMES = 8
+TRACEBACK_CHUNK = 2048
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class WorkerDataset:
     index: DatasetIndex
     plan: Plan
     augment: tuple[str, ...]
-    specs: tuple[tuple[str, str, tuple[int, ...]], ...]
+    specs: tuple[protocol.ArraySpec, ...]  # one sample of each array
     layout: SlotLayout | None = None
     skip_bad_files: bool = False
 
@@ -91,7 +91,7 @@ class BatchBuilder:
                     raise
                 self._report_skip(sid, e)
                 continue
-            except Exception as e:
+            except Exception as e:  # whatever failed (an augment op can raise anything), say which sample
                 path, row = self.reader.locate(sid)
                 raise RuntimeError(f"sample {sid} ({path} row {row}): {e}") from e
             j += 1
@@ -108,8 +108,8 @@ class BatchBuilder:
         self.read_s += read - started
         x, y = self.pipeline(x, y, sample_rng(self.ds.plan.seed, epoch, sid))
         self.augment_s += time.perf_counter() - read
-        for out, value, (name, _, _) in zip(outs, (x,) if y is None else (x, y), self.ds.specs):
-            _place(out, j, value, name)
+        for out, value, spec in zip(outs, (x,) if y is None else (x, y), self.ds.specs):
+            _place(out, j, value, spec.name)
 
     def _report_skip(self, sid: int, error: DatasetError) -> None:
         path, _ = self.reader.locate(sid)
@@ -122,6 +122,21 @@ class BatchBuilder:
 
     def close(self) -> None:
         self.reader.close()
+
+
+def short_traceback(exc: BaseException) -> str:
+    """A failed batch's traceback as its client will see it: the last TRACEBACK_FRAMES frames of
+    each exception in the chain (the op or read that raised, then each wrapper naming the
+    sample), each frame or exception line cut to TRACEBACK_CHUNK bytes so that a huge message,
+    repeated by every wrapper, cannot push the innermost frames out; the whole then cut from
+    the front to fit a message field."""
+    chunks = traceback.format_exception(exc, limit=-TRACEBACK_FRAMES)
+    return protocol.clip("".join(_clip_chunk(c) for c in chunks), tail=True)
+
+
+def _clip_chunk(chunk: str) -> str:
+    short = protocol.clip(chunk, TRACEBACK_CHUNK)
+    return short if short.endswith("\n") else short + "\n"
 
 
 def _place(out: np.ndarray, row: int, value: np.ndarray, name: str) -> None:
@@ -152,22 +167,23 @@ class TaskRunner:
             samples = builder.samples(msg["epoch"], msg["index"], msg.get("shard"))
             arrays = self._outputs(builder.ds, msg.get("slot"), len(samples))
             rows = builder.fill(msg["epoch"], samples, arrays)
-        except Exception as e:
-            log.error("batch %d of epoch %d of '%s' failed: %s", msg["index"], msg["epoch"], msg["dataset"], e)
+        except Exception as e:  # anything a read or an augment op raises fails this batch only, not the worker
+            log.exception("batch %d of epoch %d of '%s' failed: %s", msg["index"], msg["epoch"], msg["dataset"], e)
             if self._counters is not None:
                 self._counters.add(failed=1)
-            return protocol.encode("failed", {"task": msg["task"], "message": protocol.clip(str(e))})
+            return protocol.encode("failed", {"task": msg["task"], "message": protocol.clip(str(e)),
+                                              "traceback": short_traceback(e)})
         fields = {"task": msg["task"], "rows": rows, "busy_s": time.perf_counter() - started,
                   "read_s": builder.read_s, "augment_s": builder.augment_s}
         if self._counters is not None:
             self._counters.add(batches=1, busy_s=fields["busy_s"], read_s=builder.read_s, augment_s=builder.augment_s)
         if msg.get("slot") is not None:
             return protocol.encode("done", fields)
-        return protocol.encode("done", fields, [(name, a[:rows]) for (name, _, _), a in zip(builder.ds.specs, arrays)])
+        return protocol.encode("done", fields, [(spec.name, a[:rows]) for spec, a in zip(builder.ds.specs, arrays)])
 
     def _outputs(self, ds: WorkerDataset, slot: int | None, rows: int) -> list[np.ndarray]:
         if slot is None:
-            return [np.empty((rows, *shape), dtype=dtype) for _, dtype, shape in ds.specs]
+            return [np.empty((rows, *spec.shape), dtype=spec.dtype) for spec in ds.specs]
         if ds.layout is None or self._slots is None or slot >= ds.layout.nslots:
             raise RuntimeError(f"slot {slot} was assigned, but this worker has no shared memory for it")
         return ds.layout.views(self._slots.buffer(ds.layout), slot, rows)
@@ -179,16 +195,24 @@ class TaskRunner:
 
 class WorkerLoop:
     """The socket side of a worker: hands tasks to the compute thread, sends its replies back,
-    and heartbeats. `hello` is what the worker sends to (re)join the server."""
+    and heartbeats. `hello` is what the worker sends to (re)join the server; `on_setup` is told
+    of a `setup` the server sends again (a remote worker's rejoin), which local workers never get."""
 
     def __init__(self, ctx: zmq.Context, sock: zmq.Socket, runner: Callable[[protocol.Message], list] | None,
-                 hello: list, heartbeat_s: float) -> None:
+                 hello: list, heartbeat_s: float,
+                 on_setup: Callable[[protocol.Message], None] | None = None) -> None:
         self.ctx = ctx
         self.sock = sock
         self.runner = runner
         self.hello = hello
         self.heartbeat_s = heartbeat_s
+        self.on_setup = on_setup
         self.last_heard = time.monotonic()
+        # what the main thread does with each message from the broker; "stop" ends `run`
+        self._handlers: dict[str, Callable[[protocol.Message], str | None]] = {
+            "task": self._on_task, "stop": self._on_stop, "heartbeat": self._on_heartbeat,
+            "rejoin": self._on_rejoin, "setup": self._on_setup,
+        }
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._replies: queue.SimpleQueue = queue.SimpleQueue()
         self._wake_addr = f"inproc://npyloader-worker-{id(self)}"
@@ -207,8 +231,7 @@ class WorkerLoop:
         finally:
             wake.close(0)
 
-    def run(self, should_stop: Callable[[], bool], on_message: Callable[[protocol.Message], bool] | None = None,
-            silence_s: float | None = None) -> str:
+    def run(self, should_stop: Callable[[], bool], silence_s: float | None = None) -> str:
         """Serve until stopped. Returns "stop", or "silent" when the server went quiet for `silence_s`."""
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
@@ -227,7 +250,7 @@ class WorkerLoop:
                         frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    if self._on_frames(frames, on_message) == "stop":
+                    if self._on_frames(frames) == "stop":
                         return "stop"
             now = time.monotonic()
             if now >= next_beat:
@@ -237,23 +260,31 @@ class WorkerLoop:
                 return "silent"
         return "stop"
 
-    def _on_frames(self, frames: list, on_message: Callable[[protocol.Message], bool] | None) -> str | None:
+    def _on_frames(self, frames: list) -> str | None:
         try:
-            msg = protocol.decode(frames, allowed=WORKER_MESSAGES, max_header_bytes=protocol.MAX_SETUP_BYTES)
-        except Exception as e:  # one bad message must not stop the worker
+            msg = protocol.decode(frames, allowed=protocol.BROKER_TO_WORKER, max_header_bytes=protocol.MAX_SETUP_BYTES)
+        except Exception as e:  # one bad message must not stop the worker (a validator bug included)
             log.error("dropped a malformed message from the server: %s", e)
             return None
         self.last_heard = time.monotonic()
-        if msg.type == "stop":
-            return "stop"
-        if msg.type == "task":
-            self._tasks.put(msg)
-        elif msg.type == "rejoin":
-            log.info("the server does not know this worker (restarted?); joining again")
-            self.sock.send_multipart(self.hello)
-        elif on_message is not None:
-            on_message(msg)
-        return None
+        return self._handlers[msg.type](msg)
+
+    def _on_task(self, msg: protocol.Message) -> None:
+        self._tasks.put(msg)
+
+    def _on_stop(self, msg: protocol.Message) -> str:
+        return "stop"
+
+    def _on_heartbeat(self, msg: protocol.Message) -> None:
+        """Nothing more to do: hearing from the server at all is what keeps it counted alive."""
+
+    def _on_rejoin(self, msg: protocol.Message) -> None:
+        log.info("the server does not know this worker (restarted?); joining again")
+        self.sock.send_multipart(self.hello)
+
+    def _on_setup(self, msg: protocol.Message) -> None:
+        if self.on_setup is not None:
+            self.on_setup(msg)
 
     def close(self) -> None:
         self._tasks.put(None)

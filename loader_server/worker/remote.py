@@ -96,22 +96,22 @@ def _serve_one_session(ctx: zmq.Context, spec: RemoteWorkerSpec, orphaned: Calla
             spec.counters.add(sessions=1)
         ready = protocol.encode("ready", {"pid": os.getpid(), "host": socket.gethostname(),
                                           "capacity": TASKS_IN_FLIGHT, "local": False})
-        loop = WorkerLoop(ctx, sock, runner, join, spec.heartbeat_s)
         restart = threading.Event()
 
-        def on_message(msg: protocol.Message) -> bool:
-            if msg.type == "setup":
-                same = [d["fingerprint"] for d in msg["datasets"]] == [d["fingerprint"] for d in setup["datasets"]]
-                if same:
-                    sock.send_multipart(ready)
-                else:
-                    restart.set()
-            return True
+        def on_setup(msg: protocol.Message) -> None:
+            """A setup answering a rejoin: the same data, or start over with the new one."""
+            same = [d["fingerprint"] for d in msg["datasets"]] == [d["fingerprint"] for d in setup["datasets"]]
+            if same:
+                sock.send_multipart(ready)
+            else:
+                restart.set()
+
+        loop = WorkerLoop(ctx, sock, runner, join, spec.heartbeat_s, on_setup)
 
         sock.send_multipart(ready)
         log.info("serving %s for %s", ", ".join(datasets), spec.connect)
         try:
-            why = loop.run(lambda: orphaned() or restart.is_set(), on_message, silence_s=SILENCE_BEATS * spec.heartbeat_s)
+            why = loop.run(lambda: orphaned() or restart.is_set(), silence_s=SILENCE_BEATS * spec.heartbeat_s)
         finally:
             loop.close()
             runner.close()
@@ -133,13 +133,14 @@ def _await_setup(sock: zmq.Socket, join: list, spec: RemoteWorkerSpec,
         sock.send_multipart(join)
         if sock.poll(int(spec.heartbeat_s * 2000)):
             try:
-                msg = protocol.decode(sock.recv_multipart(), allowed=frozenset({"setup", "heartbeat", "rejoin"}),
+                msg = protocol.decode(sock.recv_multipart(), allowed=protocol.BROKER_TO_WORKER,
                                       max_header_bytes=protocol.MAX_SETUP_BYTES)
             except protocol.ProtocolError as e:
                 log.error("dropped a malformed message from %s: %s", spec.connect, e)
                 continue
             if msg.type == "setup":
                 return msg.fields
+            # anything else (a heartbeat, a rejoin) is answered by the next join anyway
         elif not waited:
             log.info("waiting for the server at %s", spec.connect)
             waited = True
@@ -158,7 +159,7 @@ def _prepare(setup: dict[str, Any], data_root: str | None) -> dict[str, WorkerDa
             raise DataMismatch(f"dataset '{cfg.name}': {e} ({where})") from e
         check_same_data(index, entry)
         plan = Plan(index.num_samples, cfg.batch_size, cfg.seed, cfg.shuffle, cfg.drop_remainder)
-        specs = tuple((n, d, tuple(s)) for n, d, s in entry["specs"])
+        specs = tuple(protocol.ArraySpec.from_wire(s) for s in entry["specs"])
         datasets[cfg.name] = WorkerDataset(index, plan, cfg.augment, specs, skip_bad_files=cfg.on_bad_file == "skip")
     return datasets
 

@@ -210,9 +210,11 @@ def malformed(cluster: Cluster, rng: random.Random) -> Injected:
         def collect() -> bool:
             while sock.poll(0):
                 try:
-                    answers.append(protocol.decode(sock.recv_multipart(), allowed=frozenset({"error"}))["code"])
+                    msg = protocol.decode(sock.recv_multipart(), allowed=protocol.SERVER_TO_CLIENT)
                 except protocol.ProtocolError as e:
                     answers.append(f"undecodable answer: {e}")
+                else:
+                    answers.append(msg["code"] if msg.type == "error" else f"a '{msg.type}' where an error was due")
             return len(answers) >= len(messages)
 
         cluster.wait_for(collect, REPLY_TIMEOUT_S)
