@@ -39,9 +39,10 @@ def render(endpoint: str, s: Stats) -> list[str]:
         [[name, d["samples"], d["batches"], d["batch_size"], len(clients_of.get(name, [])),
           d["queued"]] for name, d in s["datasets"].items()])]
     lines += ["", *table(
-        ["CLIENT", "DATASET", "BATCHES", "MB", "MB/S", "QUEUED", "WAIT", "WAIT TOTAL"],
-        [[c["id"][:8], c["dataset"], c["batches"], f"{c['bytes'] / 1e6:.1f}", f"{c['recent_bytes_per_s'] / 1e6:.1f}",
-          c["pending"], f"{c['recent_wait_fraction']:.0%}", f"{c['wait_fraction']:.0%}"] for c in s["clients"]])]
+        ["CLIENT", "DATASET", "VIA", "BATCHES", "MB", "MB/S", "QUEUED", "WAIT", "WAIT TOTAL"],
+        [[c["id"][:8], c["dataset"], c.get("transport", "socket"), c["batches"], f"{c['bytes'] / 1e6:.1f}",
+          f"{c['recent_bytes_per_s'] / 1e6:.1f}", c["pending"], f"{c['recent_wait_fraction']:.0%}",
+          f"{c['wait_fraction']:.0%}"] for c in s["clients"]])]
     lines += ["", *table(
         ["WORKER", "WHERE", "HOST", "PID", "BATCHES", "BATCHES/S", "BUSY", "HEARTBEAT"],
         [[wk["id"], "local" if wk["local"] else "remote", wk["host"], wk["pid"], wk["batches"],

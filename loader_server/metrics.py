@@ -138,6 +138,14 @@ def server_families(s: dict[str, Any]) -> Iterator[Any]:
     yield family(GaugeMetricFamily, "npyloader_client_outstanding_batches",
                  "Batches this client asked for that are not yet sent.", ["dataset", "client"],
                  by_client("outstanding"))
+    yield family(GaugeMetricFamily, "npyloader_clients_by_transport",
+                 "Clients with a session, by how batches reach them: shm (read from the server's shared "
+                 "memory, on its host) or socket.", ["dataset", "transport"],
+                 [([n, t], sum(c["dataset"] == n and c.get("transport") == t for c in clients))
+                  for n in datasets for t in ("shm", "socket")])
+    yield family(GaugeMetricFamily, "npyloader_client_slots_held",
+                 "Shared-memory slots lent to this client and not yet given back.", ["dataset", "client"],
+                 by_client("slots_held"))
 
     w = s["workers"]
     workers = w["list"]
