@@ -429,6 +429,9 @@ def expand_files(pattern: str, option: str = "--data") -> list[str]:
 
 
 def _data_files(patterns: tuple[str, ...]) -> list[str]:
+    """Every pattern's files, each once however many patterns or spellings name it."""
+    if len(patterns) == 1 and os.path.isdir(patterns[0]):
+        return expand_files(patterns[0])  # one folder's listing names each file once
     seen: set[str] = set()
     files = []
     for pattern in patterns:
