@@ -3,6 +3,8 @@ deaths earn."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from loader_server.serve import pool
@@ -55,3 +57,13 @@ def test_a_pool_stopped_before_its_specs_exist_ends_its_processes_without_runnin
     p.stop(deadline_s=1.0, told=set())
     assert not any(pid_alive(pid) for pid in pids)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_spec_that_cannot_be_pickled_is_an_error_where_it_is_provided(tmp_path):
+    """Not a worker that waits forever for a spec that never comes."""
+    p = LocalPool(None, 1, target=record_spec)
+    try:
+        with pytest.raises(TypeError, match="pickle"):
+            p.provide(lambda wid: threading.Lock())
+    finally:
+        p.stop(deadline_s=1.0, told=set())

@@ -6,10 +6,13 @@ its loop; a dead worker (even one killed with SIGKILL) is reported so its batche
 redone, and a fresh process takes its place.
 
 A spawned process spends about half a second starting Python and importing numpy, zmq and
-the worker's modules before it can do anything, so the pool can start its processes before
-their spec exists (the server's indexes, still being built): each waits on a pipe, and
-`provide()` sends the specs when they are ready. Specs are sent from a short-lived thread, so
-neither the server's start nor the broker's loop (respawns) waits for a child's imports.
+the worker's modules before it can do anything, so the server's pool starts its processes
+before their specs exist (the indexes, still being built): each waits on a pipe, and
+`provide()` sends the specs when they are ready. Such a spec is pickled at once (a spec that
+cannot be is an error there, not a silent hang) and written from a short-lived thread, so
+neither the server's start nor the broker's loop (respawns) waits for a child's imports. A pool
+given its `make_spec` up front passes specs as spawn arguments instead, so they may hold what
+only inheritance can share (the remote workers' shared counters).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from loader_server.worker.loop import run_worker
@@ -41,7 +45,7 @@ class _Child:
     deaths: int = 0
     restart_at: float = 0.0
     started: float = field(default_factory=time.monotonic)
-    spec_pipe: Connection | None = None  # set until the child's spec is on its way
+    spec_pipe: Connection | None = None  # a deferred spec's pipe, until the spec is on its way
 
 
 def _await_spec(target: Callable[[Any], None], spec_pipe: Connection) -> None:
@@ -57,9 +61,9 @@ def _await_spec(target: Callable[[Any], None], spec_pipe: Connection) -> None:
     target(spec)
 
 
-def _send_spec(spec_pipe: Connection, spec: Any) -> None:
+def _send_spec(spec_pipe: Connection, pickled: memoryview) -> None:
     try:
-        spec_pipe.send(spec)
+        spec_pipe.send_bytes(pickled)
     except OSError:
         pass  # the child died first; reap() reports it
     finally:
@@ -69,14 +73,15 @@ def _send_spec(spec_pipe: Connection, spec: Any) -> None:
 class LocalPool:
     """N worker processes; worker ids grow with every respawn so stale messages are recognisable.
 
-    `make_spec(worker_id)` builds the one argument of `target`, the child's entry point; when
-    it is None the processes start anyway and get their specs from `provide(make_spec)`.
+    `make_spec(worker_id)` builds the one argument of `target`, the child's entry point. Given
+    None, the processes start at once and wait for `provide(make_spec)`.
     """
 
     def __init__(self, make_spec: Callable[[int], Any] | None, size: int,
                  target: Callable[[Any], None] = run_worker) -> None:
         self._ctx = mp.get_context("spawn")
         self._make_spec = make_spec
+        self._deferred = make_spec is None
         self._target = target
         self._children: dict[int, _Child] = {}
         self._next_id = 0
@@ -85,7 +90,8 @@ class LocalPool:
             self._start(deaths=0)
 
     def provide(self, make_spec: Callable[[int], Any]) -> None:
-        """Send the waiting processes their specs; later ones (respawns) get theirs at start."""
+        """Send the waiting processes their specs; respawned ones get theirs as they start."""
+        assert self._deferred and self._make_spec is None, "provide() is for a pool started without specs, once"
         self._make_spec = make_spec
         for worker_id, child in self._children.items():
             self._send(worker_id, child)
@@ -93,9 +99,15 @@ class LocalPool:
     def _start(self, deaths: int) -> int:
         worker_id = self._next_id
         self._next_id += 1
+        name = f"npyloader-worker-{worker_id}"
+        if not self._deferred:
+            assert self._make_spec is not None
+            proc = self._ctx.Process(target=self._target, args=(self._make_spec(worker_id),), name=name, daemon=True)
+            proc.start()
+            self._children[worker_id] = _Child(proc, deaths)
+            return worker_id
         receiver, sender = self._ctx.Pipe(duplex=False)
-        proc = self._ctx.Process(target=_await_spec, args=(self._target, receiver),
-                                 name=f"npyloader-worker-{worker_id}", daemon=True)
+        proc = self._ctx.Process(target=_await_spec, args=(self._target, receiver), name=name, daemon=True)
         proc.start()
         receiver.close()
         child = self._children[worker_id] = _Child(proc, deaths, spec_pipe=sender)
@@ -105,9 +117,10 @@ class LocalPool:
     def _send(self, worker_id: int, child: _Child) -> None:
         if self._make_spec is None or child.spec_pipe is None:
             return
+        pickled = ForkingPickler.dumps(self._make_spec(worker_id))
         pipe, child.spec_pipe = child.spec_pipe, None
-        threading.Thread(target=_send_spec, args=(pipe, self._make_spec(worker_id)),
-                         name=f"npyloader-spec-{worker_id}", daemon=True).start()
+        threading.Thread(target=_send_spec, args=(pipe, pickled), name=f"npyloader-spec-{worker_id}",
+                         daemon=True).start()
 
     def alive(self) -> int:
         return sum(not c.restart_at and c.process.is_alive() for c in self._children.values())
