@@ -72,16 +72,17 @@ def one_start(folder: Path, cache: Path | None, workers: int, log_path: Path) ->
 
 
 def cpu_seconds(pid: int) -> dict[str, float]:
-    """User + system CPU seconds of a server and of its children, named by role."""
+    """User + system CPU seconds of a server and of its children, named by role (a second
+    worker is "worker 2", in pid order)."""
     tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
-    for role, p in [("server", pid)] + [(_role(c), c) for c in children(pid)]:
+    for role, p in [("server", pid)] + [(_role(c), c) for c in sorted(children(pid))]:
         try:
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        key = role if role not in out else f"{role} {p}"
+        key = role if role not in out else f"{role} {sum(k.startswith(role) for k in out) + 1}"
         out[key] = (int(fields[11]) + int(fields[12])) / tick
     return out
 
