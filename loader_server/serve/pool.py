@@ -99,19 +99,19 @@ class LocalPool:
     def _start(self, deaths: int) -> int:
         worker_id = self._next_id
         self._next_id += 1
-        name = f"npyloader-worker-{worker_id}"
-        if not self._deferred:
+        if self._deferred:
+            receiver, sender = self._ctx.Pipe(duplex=False)
+            target, args = _await_spec, (self._target, receiver)
+        else:
             assert self._make_spec is not None
-            proc = self._ctx.Process(target=self._target, args=(self._make_spec(worker_id),), name=name, daemon=True)
-            proc.start()
-            self._children[worker_id] = _Child(proc, deaths)
-            return worker_id
-        receiver, sender = self._ctx.Pipe(duplex=False)
-        proc = self._ctx.Process(target=_await_spec, args=(self._target, receiver), name=name, daemon=True)
+            target, args = self._target, (self._make_spec(worker_id),)
+        proc = self._ctx.Process(target=target, args=args, name=f"npyloader-worker-{worker_id}", daemon=True)
         proc.start()
-        receiver.close()
-        child = self._children[worker_id] = _Child(proc, deaths, spec_pipe=sender)
-        self._send(worker_id, child)
+        child = self._children[worker_id] = _Child(proc, deaths)
+        if self._deferred:
+            receiver.close()
+            child.spec_pipe = sender
+            self._send(worker_id, child)
         return worker_id
 
     def _send(self, worker_id: int, child: _Child) -> None:
