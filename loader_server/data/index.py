@@ -99,6 +99,10 @@ class SourceTable(Sequence[ArraySource]):
         for path, k in zip(self.paths, self.placement_of):
             yield ArraySource(path, *self.placements[k])
 
+    def key(self, i: int) -> tuple[str, str | None]:
+        """(path, member) of the i-th file's array: what tells arrays apart, cheaper than `self[i]`."""
+        return self.paths[i], self.placements[self.placement_of[i]].member
+
     def first_where(self, bad: Callable[[Placement], bool]) -> ArraySource | None:
         """The first file whose placement is `bad`, judging each distinct placement once."""
         wrong = {k for k, placement in enumerate(self.placements) if bad(placement)}
