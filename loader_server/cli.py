@@ -128,10 +128,17 @@ def _build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure npyloader next to the alternatives, on the same files, in one run")
     bench.add_argument("--quick", action="store_true", help="small data, for a smoke test (figures not meaningful)")
     bench.add_argument("--workload", action="append", choices=["io", "aug"], help="default: both")
-    bench.add_argument("--workers", type=int, default=2, help="workers for every loader that has workers")
+    bench.add_argument("--workers", type=int, default=None,
+                       help="workers for every loader that has workers (default 2; 1 with --startup)")
     bench.add_argument("--repeats", type=int, default=3, help="timed epochs per loader; the best is kept")
     bench.add_argument("--out", metavar="FILE.md",
                        help="write the Markdown report here, with FILE.json and FILE.png beside it")
+    bench.add_argument("--startup", action="store_true",
+                       help="only time `npyloader serve` to a client's first batch over many one-sample files: "
+                            "cold, writing the index cache, and from it (--workers defaults to 1 here)")
+    bench.add_argument("--files", type=int, default=100_000, help="--startup: how many one-sample files")
+    bench.add_argument("--startup-data", metavar="DIR", type=Path,
+                       help="--startup: keep the one-sample files here and reuse them on the next run")
 
     soak = sub.add_parser("soak", help="run a server, workers and clients while injecting faults at random; "
                                        "check that no batch was lost or repeated")
@@ -215,9 +222,14 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.startup:
+        from loader_server.tools.bench import startup
+
+        print(startup.main(args.files, args.repeats, args.workers or 1, args.startup_data))
+        return 0
     from loader_server.tools.bench import run as bench
 
-    print(bench.main(args.workload or ["io", "aug"], args.workers, args.repeats, args.quick, args.out))
+    print(bench.main(args.workload or ["io", "aug"], args.workers or 2, args.repeats, args.quick, args.out))
     return 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -90,6 +92,22 @@ def test_pipeline_survives_pickling_for_worker_processes():
     expected = pipeline(image(), mask(), sample_rng(1, 1, 1))
     actual = clone(image(), mask(), sample_rng(1, 1, 1))
     assert all(np.array_equal(a, b) for a, b in zip(expected, actual))
+
+
+def test_scipy_is_imported_by_building_a_pipeline_that_needs_it_and_not_otherwise():
+    """A worker without rotate or zoom never pays for scipy (a third of its start-up imports);
+    one with them pays when its pipeline is built, not in its first batch."""
+    script = textwrap.dedent("""
+        import sys
+        import loader_server.worker.loop, loader_server.serve.server
+        from loader_server.data.augment import build_pipeline
+        build_pipeline(["flip", "shift", "crop:height=2,width=2", "noise", "normalize"], spatial_targets=False)
+        print("scipy" in sys.modules)
+        build_pipeline(["zoom"], spatial_targets=False)
+        print("scipy.ndimage" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["False", "True"]
 
 
 # each op's effect -------------------------------------------------------------------------

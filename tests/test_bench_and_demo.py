@@ -37,6 +37,20 @@ def test_bench_quick_writes_the_report_json_and_plot_for_every_loader(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_startup_times_every_case_to_the_first_batch(tmp_path):
+    data = tmp_path / "small"
+    result = subprocess.run(serve_command("bench", "--startup", "--files", "300", "--repeats", "1",
+                                          "--startup-data", str(data)),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = re.findall(r"^\| (cold \(--no-index-cache\)|cold, writing the index cache|from the index cache) "
+                      r"\| ([\d.]+) \| ([\d.]+) \| server [\d.]+.*worker [\d.]+", result.stdout, re.MULTILINE)
+    assert [r[0] for r in rows] == ["cold (--no-index-cache)", "cold, writing the index cache", "from the index cache"]
+    assert all(0 < float(ready) <= float(first) for _, ready, first in rows)
+    assert len(list(data.iterdir())) == 300  # kept for the next run
+
+
+@pytest.mark.slow
 def test_demo_trains_the_digits_model_well_above_chance(tmp_path):
     result = subprocess.run([sys.executable, "-m", "loader_server.tools.demo", "--dir", str(tmp_path / "demo"),
                              "--epochs", "4"], capture_output=True, text=True, timeout=600)

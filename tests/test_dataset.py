@@ -112,6 +112,70 @@ def test_combined_refuses_targets(tmp_path: Path) -> None:
         build_index(config(tmp_path / "r.npy", targets=str(tmp_path / "r.npy")))
 
 
+# --- headers --------------------------------------------------------------------------------
+
+
+def save_with_header(path: Path, array: np.ndarray, version: tuple[int, int]) -> np.ndarray:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        np.lib.format.write_array(f, array, version=version)
+    return array
+
+
+def save_padded(path: Path, array: np.ndarray, header_bytes: int) -> None:
+    """A version 1.0 .npy file whose header is padded with spaces to `header_bytes`: legal, and
+    numpy reads it, up to its own 10,000-byte limit."""
+    text = repr({"descr": array.dtype.str, "fortran_order": False, "shape": array.shape}).encode("latin1")
+    text += b" " * (header_bytes - len(text) - 1) + b"\n"
+    path.write_bytes(b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text + array.tobytes())
+
+
+@pytest.mark.parametrize("dtype", ["|u1", ">i2", "<f4", "<f8", "<c8", "|b1"])
+@pytest.mark.parametrize("shape", [(3,), (2, 3, 4)])
+def test_one_sample_files_with_mixed_headers_read_back_as_numpy_loads_them(
+        tmp_path: Path, rng: np.random.Generator, dtype: str, shape: tuple[int, ...]) -> None:
+    """Version 1.0 and 2.0 headers, C and Fortran order, runs of equal headers and changes:
+    every sample reads back as np.load reads its file."""
+    headers = [((1, 0), False), ((1, 0), False), ((2, 0), False), ((1, 0), True), ((2, 0), True),
+               ((2, 0), True), ((1, 0), False)]
+    for i, (version, fortran) in enumerate(headers):
+        array = (rng.random(shape) * 100).astype(dtype)
+        save_with_header(tmp_path / f"s/{i}.npy", np.asfortranarray(array) if fortran else array, version)
+    index = build_index(config(tmp_path / "s", layout="per-sample"))
+    for i, (x, _) in enumerate(read_all(index)):
+        np.testing.assert_array_equal(x, np.load(tmp_path / f"s/{i}.npy"))
+        assert x.dtype == np.dtype(dtype)
+
+
+def test_a_header_longer_than_one_read_is_read_whole(tmp_path: Path) -> None:
+    array = np.arange(6, dtype=np.float32).reshape(2, 3)
+    save_padded(tmp_path / "long.npy", array, header_bytes=9000)
+    index = build_index(config(tmp_path / "long.npy"))
+    assert index.x_sources[0].offset == 10 + 9000
+    np.testing.assert_array_equal(np.stack([x for x, _ in read_all(index)]), array)
+
+
+def test_a_header_longer_than_numpy_allows_is_refused(tmp_path: Path) -> None:
+    save_padded(tmp_path / "huge-header.npy", np.zeros(3, np.float32), header_bytes=20_000)
+    with pytest.raises(DatasetError, match=r"huge-header\.npy is not a valid \.npy file"):
+        build_index(config(tmp_path / "huge-header.npy"))
+
+
+def test_files_sharing_a_header_share_one_placement_and_are_stamped(tmp_path: Path) -> None:
+    """100,000 such files cost one parsed header and one small int each; every file's size and
+    mtime are recorded as they were when its header was read."""
+    for i in range(50):
+        save(tmp_path / f"s/{i:02d}.npy", np.full((2, 2), i, np.int32))
+    save(tmp_path / "labels.npy", np.arange(50))
+    index = build_index(config(tmp_path / "s", layout="per-sample", labels=str(tmp_path / "labels.npy")))
+    assert len(index.x_sources) == 50 and len(index.x_sources.placements) == 1
+    paths = [str(tmp_path / f"s/{i:02d}.npy") for i in range(50)] + [str(tmp_path / "labels.npy")]
+    assert index.stamps.paths == tuple(paths)
+    assert index.stamps.sizes == tuple(os.stat(p).st_size for p in paths)
+    assert index.stamps.mtimes_ns == tuple(os.stat(p).st_mtime_ns for p in paths)
+    assert [s.path for s in index.x_sources] == paths[:-1]
+
+
 # --- file lists -----------------------------------------------------------------------------
 
 

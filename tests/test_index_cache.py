@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+import msgpack
 import numpy as np
 
 from loader_server.config import DatasetConfig
@@ -51,3 +52,29 @@ def test_a_damaged_cache_file_costs_a_reindex_not_the_start(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert load_or_build(config(tmp_path / "d"), cache).num_samples == 10
     assert "unreadable index cache" in caplog.text
+
+
+def test_a_file_rewritten_at_the_same_size_invalidates_the_cache_by_its_mtime(tmp_path, caplog):
+    write_id_dataset(tmp_path / "d", [10, 7])
+    cache = tmp_path / "cache"
+    load_or_build(config(tmp_path / "d"), cache)
+    part = tmp_path / "d" / "part-001.npy"
+    before = os.stat(part)
+    np.save(part, np.zeros((7, 17), np.float32))
+    os.utime(part, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))  # a coarse clock could tie
+    assert os.stat(part).st_size == before.st_size
+    with caplog.at_level(logging.INFO):
+        index = load_or_build(config(tmp_path / "d"), cache)
+    assert "from the index cache" not in caplog.text
+    assert index.stamps.mtimes_ns[1] == os.stat(part).st_mtime_ns
+
+
+def test_a_cache_of_the_previous_format_is_rebuilt_not_misread(tmp_path, caplog):
+    write_id_dataset(tmp_path / "d", [10])
+    cache = tmp_path / "cache"
+    load_or_build(config(tmp_path / "d"), cache)
+    (entry,) = cache.iterdir()
+    entry.write_bytes(msgpack.packb({"format": 1, "files": [], "stamped": [], "stamps": [], "index": {}}))
+    with caplog.at_level(logging.INFO):
+        assert load_or_build(config(tmp_path / "d"), cache).num_samples == 10
+    assert "from the index cache" not in caplog.text and "unreadable" not in caplog.text

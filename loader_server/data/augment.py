@@ -23,7 +23,6 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, get_type_hints
 
 import numpy as np
-from scipy import ndimage
 
 __all__ = [
     "AugmentError",
@@ -215,6 +214,10 @@ class _Op:
     name: ClassVar[str]
     summary: ClassVar[str]
     geometric: ClassVar[bool] = False
+    # Heavy modules the op calls into: imported when a pipeline using it is built, so a
+    # process that never uses such an op never pays for them, and one that does pays at its
+    # start rather than in its first batch.
+    imports: ClassVar[tuple[str, ...]] = ()
 
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         if self.geometric:
@@ -253,6 +256,7 @@ class Rotate(_GeometricOp):
 
     name = "rotate"
     summary = "rotate by an angle uniform in [-degrees, degrees]"
+    imports = ("scipy.ndimage",)
     degrees: float = 15.0
     p: float = 0.5
     order: int = 1
@@ -268,6 +272,8 @@ class Rotate(_GeometricOp):
         return float(rng.uniform(-self.degrees, self.degrees))
 
     def _transform(self, a: np.ndarray, angle: float, targets: bool) -> np.ndarray:
+        from scipy import ndimage  # see _Op.imports
+
         order = 0 if targets else self.order
         return _resample(a, lambda b: ndimage.rotate(b, angle, axes=(1, 0), reshape=False,
                                                      order=order, mode=self.mode))
@@ -328,6 +334,7 @@ class Zoom(_GeometricOp):
 
     name = "zoom"
     summary = "scale H and W about the centre by a factor uniform in [1-range, 1+range]"
+    imports = ("scipy.ndimage",)
     range: float = 0.1
     p: float = 1.0
     order: int = 1
@@ -344,6 +351,8 @@ class Zoom(_GeometricOp):
         return float(rng.uniform(1.0 - self.range, 1.0 + self.range))
 
     def _transform(self, a: np.ndarray, factor: float, targets: bool) -> np.ndarray:
+        from scipy import ndimage  # see _Op.imports
+
         scale = np.ones(a.ndim)
         scale[:2] = 1.0 / factor
         centre = (np.asarray(a.shape[:2], dtype=np.float64) - 1.0) / 2.0
@@ -657,6 +666,8 @@ def build_pipeline(specs: Sequence[str], *, spatial_targets: bool) -> Pipeline:
     parsed = tuple(parse_spec(text) for text in specs)
     ops = tuple(_build_custom(spec) if spec.is_custom else _build_builtin(spec)
                 for spec in parsed)
+    for module in dict.fromkeys(m for op in ops for m in getattr(op, "imports", ())):
+        importlib.import_module(module)
     return Pipeline(parsed, ops, spatial_targets)
 
 

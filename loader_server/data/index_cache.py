@@ -2,9 +2,11 @@
 
 Indexing opens every file to read its `.npy` header: 100,000 opens for 100,000 files. The
 cache keeps the index keyed by the dataset's options and trusts it only while the same glob
-expansion finds the same files with the sizes and modification times they had, which costs
-a directory listing and one stat per file. It is stored as msgpack, never pickle, because a
-cache folder may be shared and loading it must not run code.
+expansion finds the same files with the sizes and modification times they had when their
+headers were read, which costs a directory listing and one stat per file. It is stored as
+msgpack, never pickle, because a cache folder may be shared and loading it must not run code;
+the index's file tables are stored column by column (paths, a few distinct placements, one
+small int per file), so loading 100,000 files' worth takes hundredths of a second.
 """
 
 from __future__ import annotations
@@ -22,14 +24,17 @@ from loader_server.config import DatasetConfig
 from loader_server.data.index import (
     ArraySource,
     DatasetIndex,
+    FileStamps,
+    Placement,
     SampleSpec,
+    SourceTable,
     build_index,
     expand_files,
 )
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 
 
 def default_dir() -> Path:
@@ -43,9 +48,9 @@ def load_or_build(cfg: DatasetConfig, cache_dir: Path | None) -> DatasetIndex:
     path = cache_dir / f"index-{_key(cfg)}.msgpack"
     listed = _listed_files(cfg)
     cached = _load(path)
-    if cached is not None and cached["files"] == listed and cached["stamps"] == _stamps(cached["stamped"]):
-        log.info("dataset '%s': %d samples from the index cache %s", cfg.name, cached["index"].num_samples, path)
-        return cached["index"]
+    if cached is not None and cached[0] == listed and _unchanged(cached[1].stamps):
+        log.info("dataset '%s': %d samples from the index cache %s", cfg.name, cached[1].num_samples, path)
+        return cached[1]
     index = build_index(cfg)
     _save(path, index, listed)
     return index
@@ -66,17 +71,20 @@ def _listed_files(cfg: DatasetConfig) -> list[str]:
     return files
 
 
-def _stamps(paths: list[str]) -> list[list[int]]:
+def _unchanged(stamps: FileStamps) -> bool:
+    """Every file still has the size and modification time its header was read at."""
     try:
-        return [[st.st_size, st.st_mtime_ns] for st in map(os.stat, paths)]
+        for path, size, mtime_ns in zip(stamps.paths, stamps.sizes, stamps.mtimes_ns):
+            st = os.stat(path)
+            if st.st_size != size or st.st_mtime_ns != mtime_ns:
+                return False
     except OSError:
-        return []
+        return False
+    return True
 
 
 def _save(path: Path, index: DatasetIndex, listed: list[str]) -> None:
-    stamped = [p for p, _ in index.file_sizes]
-    record = {"format": FORMAT, "files": listed, "stamped": stamped, "stamps": _stamps(stamped),
-              "index": _plain(index)}
+    record = {"format": FORMAT, "files": listed, "index": _plain(index)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -86,12 +94,13 @@ def _save(path: Path, index: DatasetIndex, listed: list[str]) -> None:
         log.warning("could not write the index cache %s (%s); the next start indexes again", path, e)
 
 
-def _load(path: Path) -> dict[str, Any] | None:
+def _load(path: Path) -> tuple[list[str], DatasetIndex] | None:
+    """(the listing the index was built from, the index), or None when there is no usable cache."""
     try:
         record = msgpack.unpackb(path.read_bytes(), raw=False, strict_map_key=True)
         if record.get("format") != FORMAT:
             return None
-        return {**record, "index": _index(record["index"])}
+        return record["files"], _index(record["index"])
     except FileNotFoundError:
         return None
     except Exception as e:  # a damaged cache costs one re-index, never the start
@@ -99,41 +108,41 @@ def _load(path: Path) -> dict[str, Any] | None:
         return None
 
 
-_SOURCE_FIELDS = [f.name for f in fields(ArraySource)]
-
-
 def _plain(index: DatasetIndex) -> dict[str, Any]:
-    """The index as msgpack-able values; sources as flat lists (dataclasses.asdict is slow for 100k)."""
-    def source(s: ArraySource | None) -> list | None:
-        return None if s is None else [getattr(s, name) for name in _SOURCE_FIELDS]
+    """The index as msgpack-able values: tables and stamps by column, sources as flat lists."""
+    def table(t: SourceTable | None) -> dict[str, Any] | None:
+        return None if t is None else {"paths": t.paths, "placements": t.placements, "placement_of": t.placement_of}
 
     d = {f.name: getattr(index, f.name) for f in fields(DatasetIndex)}
     d["spec"] = asdict(index.spec)
-    d["x_sources"] = [source(s) for s in index.x_sources]
-    d["y_sources"] = None if index.y_sources is None else [source(s) for s in index.y_sources]
-    d["labels"] = source(index.labels)
+    d["x_sources"] = table(index.x_sources)
+    d["y_sources"] = table(index.y_sources)
+    d["labels"] = None if index.labels is None else [getattr(index.labels, f.name) for f in fields(ArraySource)]
+    d["stamps"] = {f.name: getattr(index.stamps, f.name) for f in fields(FileStamps)}  # asdict copies every item
     return d
 
 
 def _index(d: dict[str, Any]) -> DatasetIndex:
-    def source(s: list | None) -> ArraySource | None:
-        if s is None:
+    def placement(p: list) -> Placement:
+        return Placement(*p[:3], tuple(p[3]), *p[4:])
+
+    def table(t: dict[str, Any] | None) -> SourceTable | None:
+        if t is None:
             return None
-        values = dict(zip(_SOURCE_FIELDS, s))
-        return ArraySource(**{**values, "shape": tuple(values["shape"])})
+        return SourceTable(tuple(t["paths"]), tuple(map(placement, t["placements"])), tuple(t["placement_of"]))
 
     def opt_tuple(v: list | None) -> tuple | None:
         return None if v is None else tuple(v)
 
-    spec = d["spec"]
+    spec, labels, stamps = d["spec"], d["labels"], d["stamps"]
     values = {
         **d,
         "spec": SampleSpec(**{**spec, "x_shape": tuple(spec["x_shape"]), "y_shape": opt_tuple(spec["y_shape"])}),
-        "x_sources": tuple(source(s) for s in d["x_sources"]),
+        "x_sources": table(d["x_sources"]),
         "row_starts": tuple(d["row_starts"]),
-        "y_sources": None if d["y_sources"] is None else tuple(source(s) for s in d["y_sources"]),
-        "labels": source(d["labels"]),
+        "y_sources": table(d["y_sources"]),
+        "labels": None if labels is None else ArraySource(labels[0], *placement(labels[1:])),
         "x_shape": opt_tuple(d["x_shape"]),
-        "file_sizes": tuple((p, s) for p, s in d["file_sizes"]),
+        "stamps": FileStamps(*(tuple(stamps[f.name]) for f in fields(FileStamps))),
     }
     return DatasetIndex(**{f.name: values[f.name] for f in fields(DatasetIndex)})

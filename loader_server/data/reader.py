@@ -23,6 +23,7 @@ from loader_server.data.index import (
     ArraySource,
     DatasetError,
     DatasetIndex,
+    SourceTable,
     zip_member,
 )
 
@@ -101,7 +102,7 @@ class SampleReader:
     def locate(self, sample_id: int) -> tuple[str, int]:
         """(file path, row) of a sample, for messages like 'sample 1234 (data/3.npy row 17)'."""
         file_no, row = self._position(sample_id)
-        return self.index.x_sources[file_no].path, row
+        return self.index.x_sources.paths[file_no], row
 
     def read(self, sample_id: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Copy one sample out of its file(s), so no caller can hold a map open or write into it."""
@@ -122,10 +123,10 @@ class SampleReader:
     def _reading(self, sample_id: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
         """Views on the mapped file(s), valid inside the block; read errors name file and row."""
         file_no, row = self._position(sample_id)
-        src = self.index.x_sources[file_no]
         try:
             yield self._views(file_no, row)
         except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            src = self.index.x_sources[file_no]
             raise DatasetError(f"sample {sample_id} ({src.where} row {row}): cannot read: {e}; "
                                "was the file changed or removed after the server started?") from e
 
@@ -150,29 +151,41 @@ class SampleReader:
     def _views(self, file_no: int, row: int) -> tuple[np.ndarray, np.ndarray | None]:
         index = self.index
         per_sample = index.layout == "per-sample"
-        data = self._array(index.x_sources[file_no])
+        data = self._array_in(index.x_sources, file_no)
         x = data if per_sample else data[row]
         y = None
         if index.label_column is not None:
             y = x[index.label_column]
             x = _without_column(x, index.label_column)
         elif index.y_sources is not None:
-            target = self._array(index.y_sources[file_no])
+            target = self._array_in(index.y_sources, file_no)
             y = target if per_sample else target[row]
         elif index.labels is not None:
             y = self._array(index.labels)[file_no]
         return x.reshape(index.spec.x_shape), y
 
+    def _array_in(self, table: SourceTable, i: int) -> np.ndarray:
+        """The i-th file's array; its ArraySource is made only when the file must be opened,
+        since making one costs about as much as the rest of reading a small sample."""
+        key = table.key(i)
+        opened = self._open.get(key)
+        if opened is None:
+            return self._opened(key, table[i])
+        self._open.move_to_end(key)
+        return opened.get()
+
     def _array(self, src: ArraySource) -> np.ndarray:
         key = (src.path, src.member)
         opened = self._open.get(key)
         if opened is None:
-            opened = self._load(src)
-            self._open[key] = opened
-            if len(self._open) > self.max_open:
-                self._open.popitem(last=False)[1].close()
-        else:
-            self._open.move_to_end(key)
+            return self._opened(key, src)
+        self._open.move_to_end(key)
+        return opened.get()
+
+    def _opened(self, key: tuple[str, str | None], src: ArraySource) -> np.ndarray:
+        opened = self._open[key] = self._load(src)
+        if len(self._open) > self.max_open:
+            self._open.popitem(last=False)[1].close()
         return opened.get()
 
     def _load(self, src: ArraySource) -> _Mapped | _Loaded:

@@ -99,6 +99,7 @@ class Server:
         self._ctx = zmq.Context()
         self._datasets: dict[str, ServedDataset] = {}
         self._pool: LocalPool | None = None
+        self.broker: Broker | None = None
         self._auth = None
         self._csock = self._wsock = self._rsock = None
         self._exporter = None
@@ -111,6 +112,9 @@ class Server:
 
     def _setup(self) -> None:
         cfg = self.cfg
+        # Started before indexing, so that each worker's interpreter start and imports overlap
+        # it; they get their specs (the indexes) once those exist.
+        self._pool = LocalPool(None, cfg.workers)
         nslots = max(MIN_SLOTS, SLOTS_PER_WORKER * cfg.workers)
         indexes, specs, worker_datasets = {}, {}, {}
         for name, dcfg in cfg.datasets.items():
@@ -148,8 +152,7 @@ class Server:
                      "passes that folder as --data-root)", self.worker_endpoint, setup["root"])
 
         parent = os.getpid()
-        self._pool = LocalPool(
-            lambda wid: WorkerSpec(wid, worker_endpoint, worker_datasets, parent, cfg.heartbeat_s), cfg.workers)
+        self._pool.provide(lambda wid: WorkerSpec(wid, worker_endpoint, worker_datasets, parent, cfg.heartbeat_s))
         self.broker = Broker(self._datasets, self._csock, self._wsock, self._pool, setup, cfg.heartbeat_s,
                              cfg.client_timeout_s, self._rsock)
         self.broker.startup_s = time.monotonic() - self._started
@@ -192,7 +195,8 @@ class Server:
             self._exporter.shutdown()
             self._exporter.server_close()
         if self._pool is not None:
-            self._pool.stop(told=self.broker.stop_workers())
+            # A server that failed before its broker existed has told no worker anything.
+            self._pool.stop(told=self.broker.stop_workers() if self.broker is not None else set())
         if self._csock is not None:
             # Let ZeroMQ finish sending what the drain delivered, unless told to stop at once.
             self._csock.close(0 if self._abort.is_set() or not self.cfg.drain_s else CLOSE_LINGER_MS)

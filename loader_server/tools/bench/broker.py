@@ -21,7 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from loader_server.tools.bench.procs import JOIN, READY, start_cli, stop, wait_for_line
+from loader_server.tools.bench.procs import (
+    JOIN,
+    READY,
+    npyloader_process,
+    stop,
+    wait_for_line,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +74,14 @@ def measure_routing(local: int, remote: int, clients: list[str], seconds: float,
             "--bind", "tcp://127.0.0.1:0", "--index-cache", str(tmp / "cache")]
     if remote:
         args += ["--worker-bind", "tcp://127.0.0.1:0"]
-    server = start_cli(*args, log_path=tmp / "server.log")
+    server = npyloader_process(*args, log_path=tmp / "server.log")
     worker = None
     procs: list[mp.Process] = []
     try:
         url = wait_for_line(server, tmp / "server.log", READY)
         if remote:
             joined = JOIN.search((tmp / "server.log").read_text()).group(1)
-            worker = start_cli("worker", "--connect", joined, "--processes", str(remote), log_path=tmp / "worker.log")
+            worker = npyloader_process("worker", "--connect", joined, "--processes", str(remote), log_path=tmp / "worker.log")
         epochs = max(1, int(seconds * 4000 / SAMPLES))
         ctx = mp.get_context("spawn")
         done = ctx.Queue()

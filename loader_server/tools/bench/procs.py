@@ -1,4 +1,9 @@
-"""Processes of a bench run: starting `npyloader` commands, waiting for their lines, memory from /proc."""
+"""The `npyloader` processes a bench measures: start one with its log in a file, wait for a
+line in that log, find its children, stop it.
+
+Apart from the runner so that the start-up measurement uses the same helpers without
+importing the whole loader comparison.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,51 @@ from pathlib import Path
 
 READY = re.compile(r"serving .* at (tcp://\S+|ipc://\S+)")
 JOIN = re.compile(r"remote workers may join at (tcp://[^\s;]+)")
+
+
+def npyloader_process(*args: str, log_path: Path) -> subprocess.Popen:
+    """`npyloader ARGS` in a child process, stdout and stderr into `log_path`."""
+    with open(log_path, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "loader_server.cli", *args], stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for_line(proc: subprocess.Popen, log_path: Path, pattern: re.Pattern, timeout: float = 180.0,
+                  interval: float = 0.05) -> str:
+    """The first group of `pattern` once it appears in the log; an error if the process exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = pattern.search(log_path.read_text())
+        if found:
+            return found.group(1)
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+        time.sleep(interval)
+    raise TimeoutError(f"no ready line within {timeout:g}s; see {log_path}")
+
+
+def stop(*procs: subprocess.Popen | None) -> None:
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except OSError:
+                continue
+    return kids
 
 
 def _status_mb(pid: int | str, field_name: str) -> float:
@@ -29,45 +79,3 @@ def peak_rss_mb(pid: int | str = "self") -> float:
 def private_mb(pid: int | str = "self") -> float:
     """Anonymous resident memory: what the process allocated itself, without mapped file pages."""
     return _status_mb(pid, "RssAnon")
-
-
-def children(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        kids.append(int(entry))
-            except OSError:
-                continue
-    return kids
-
-
-def start_cli(*args: str, log_path: Path) -> subprocess.Popen:
-    with open(log_path, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "loader_server.cli", *args], stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def wait_for_line(proc: subprocess.Popen, log_path: Path, pattern: re.Pattern, timeout: float = 180.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = pattern.search(log_path.read_text())
-        if found:
-            return found.group(1)
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-        time.sleep(0.05)
-    raise TimeoutError(f"no ready line within {timeout:g}s; see {log_path}")
-
-
-def stop(*procs: subprocess.Popen | None) -> None:
-    for proc in procs:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()

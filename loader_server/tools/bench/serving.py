@@ -22,9 +22,9 @@ from loader_server.tools.bench.procs import (
     JOIN,
     READY,
     children,
+    npyloader_process,
     peak_rss_mb,
     private_mb,
-    start_cli,
     stop,
     wait_for_line,
 )
@@ -74,13 +74,13 @@ def _start(spec: dict[str, Any], folder: Path, wl: Workload, tmp: Path) -> tuple
         args += ["--augment", op]
     if spec.get("remote"):
         args += ["--worker-bind", "tcp://127.0.0.1:0"]
-    server = start_cli(*args, log_path=tmp / "server.log")
+    server = npyloader_process(*args, log_path=tmp / "server.log")
     worker = None
     try:
         url = wait_for_line(server, tmp / "server.log", READY)
         if spec.get("remote"):
             joined = JOIN.search((tmp / "server.log").read_text()).group(1)
-            worker = start_cli("worker", "--connect", joined, "--processes", str(spec["remote"]),
+            worker = npyloader_process("worker", "--connect", joined, "--processes", str(spec["remote"]),
                                log_path=tmp / "worker.log")
             deadline = time.monotonic() + CLIENT_TIMEOUT_S
             while len(request_stats(url)["workers"]["list"]) < spec["workers"] + spec["remote"]:
