@@ -41,15 +41,17 @@ from hypothesis import strategies as st
 from loader_client import protocol
 from loader_client.stream import Connection, DatasetInfo, ServerError, request_stats
 from loader_server.serve.broker import CLIENT_MESSAGES, WORKER_MESSAGES
-from tests.conftest import (
+from tests.helpers import (
     READY,
     WORKER_ENDPOINT,
     ServerProcess,
+    dealer,
+    monitored_dealer,
+    pickle_bomb,
     serve_command,
     wait_for,
     write_id_dataset,
 )
-from tests.test_wire_safety import dealer, monitored_dealer, pickle_bomb
 
 NUM_SAMPLES = 203
 BATCH = 16

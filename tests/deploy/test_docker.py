@@ -37,9 +37,9 @@ import numpy as np
 import pytest
 
 from loader_client import BatchStream
-from tests.conftest import free_port, wait_for, write_id_dataset
+from tests.helpers import free_port, wait_for, write_id_dataset
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "local-docker.sh"
 COMPOSE_FILES = {"root": ROOT / "compose.yaml", "docker": ROOT / "docker" / "compose.yaml"}
 ENV_EXAMPLE = ROOT / "docker" / ".env.example"

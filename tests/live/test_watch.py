@@ -23,7 +23,7 @@ import pytest
 
 from loader_client import BatchStream, request_stats
 from loader_server.tools.watch import fit, table
-from tests.conftest import free_port, serve_command, wait_for
+from tests.helpers import free_port, serve_command, wait_for
 
 ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 

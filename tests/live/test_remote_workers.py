@@ -15,7 +15,7 @@ import pytest
 
 from loader_client import BatchStream, request_stats
 from loader_client.security import ClientCurve
-from tests.conftest import free_port, serve_command, wait_for, write_id_dataset
+from tests.helpers import free_port, serve_command, wait_for, write_id_dataset
 
 WORKER_BIND = ("--worker-bind", "tcp://127.0.0.1:0")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-K8S = Path(__file__).resolve().parent.parent / "docker" / "k8s"
+K8S = Path(__file__).resolve().parents[2] / "docker" / "k8s"
 MANIFESTS = ["data-pvc.yaml", "loader.yaml", "worker.yaml"]
 STATS_PROBE = ["npyloader", "stats", "tcp://127.0.0.1:5555", "--timeout", "3"]
 KUBECTL = shutil.which("kubectl")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from loader_server.tools.soak.faults import FAULTS
-from tests.conftest import serve_command
+from tests.helpers import serve_command
 
 
 def processes_with_tmpdir(folder: Path) -> list[str]:

@@ -22,7 +22,7 @@ from scipy import ndimage
 from loader_server.tools.bench import ceilings as bench_ceilings
 from loader_server.tools.bench.baselines import ALL, Baseline, BaselineUnavailable
 from loader_server.tools.bench.workload import Workload, write_files
-from tests.conftest import children_but_resource_tracker
+from tests.helpers import children_but_resource_tracker
 
 AUG = Workload("aug", 16, 256, ("rotate:degrees=15,p=0.5,order=3",))
 IO = Workload("io", 16, 128, ())

@@ -10,7 +10,7 @@ import numpy as np
 from loader_server.config import DatasetConfig
 from loader_server.data.index import build_index
 from loader_server.data.index_cache import load_or_build
-from tests.conftest import write_id_dataset
+from tests.helpers import write_id_dataset
 
 
 def config(folder) -> DatasetConfig:

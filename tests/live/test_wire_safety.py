@@ -7,20 +7,16 @@ the connection), never unpickles anything, and keeps serving complete epochs to 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import msgpack
 import msgpack_numpy
 import numpy as np
 import pytest
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from loader_client import protocol
 from loader_client.stream import BatchStream, request_stats
-from tests.conftest import wait_for
+from tests.helpers import dealer, monitored_dealer, pickle_bomb, wait_for
 
 NUM_SAMPLES = 203
 BATCH = 16
@@ -29,39 +25,12 @@ FEATURES = 16
 REPLY_TIMEOUT_S = 10.0
 
 
-class Detonator:
-    """Unpickling this opens (creates) `path` for writing: proof that a payload reached pickle."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def pickle_bomb(marker: Path) -> np.ndarray:
-    arr = np.empty(1, dtype=object)
-    arr[0] = Detonator(str(marker))
-    return arr
-
-
 @pytest.fixture
 def server(start_server, id_dataset):
     folder, n = id_dataset
     assert n == NUM_SAMPLES
     return start_server("--data", str(folder / "*.npy"), "--label-column", "-1",
                         "--batch-size", str(BATCH), workers=1)
-
-
-@contextmanager
-def dealer(endpoint: str) -> Iterator[zmq.Socket]:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(endpoint)
-        yield sock
-    finally:
-        sock.close(0)
 
 
 def reply(sock: zmq.Socket, server, timeout: float = REPLY_TIMEOUT_S) -> protocol.Message:
@@ -222,28 +191,6 @@ def test_well_formed_but_wrong_requests(server):
 
 # ---------------------------------------------------------------------------------------------
 # Oversized frames
-
-
-@contextmanager
-def monitored_dealer(endpoint: str) -> Iterator[tuple[zmq.Socket, Callable[[], int]]]:
-    """A DEALER connected to `endpoint`, and a function returning its next connection event. The
-    monitor is attached before connecting, so the first CONNECTED event cannot be missed."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-    monitor.setsockopt(zmq.LINGER, 0)
-
-    def next_event() -> int:
-        assert monitor.poll(int(REPLY_TIMEOUT_S * 1000)), "no connection event from zmq"
-        return recv_monitor_message(monitor)["event"]
-
-    try:
-        sock.connect(endpoint)
-        yield sock, next_event
-    finally:
-        sock.disable_monitor()
-        monitor.close(0)
-        sock.close(0)
 
 
 def test_oversized_frame_drops_only_that_connection(server):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from loader_client import BatchStream
-from tests.conftest import wait_for, write_id_dataset
+from tests.helpers import wait_for, write_id_dataset
 
 
 def tiny_tmpfs(mountpoint: str, fill: bool) -> tuple[str, ...]:

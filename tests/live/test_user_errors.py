@@ -16,9 +16,9 @@ import pytest
 import zmq
 
 from loader_client.stream import BatchStream
-from tests.conftest import serve_command, write_id_dataset
+from tests.helpers import serve_command, write_id_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:

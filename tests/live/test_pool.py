@@ -7,7 +7,7 @@ import pytest
 
 from loader_server.serve import pool
 from loader_server.serve.pool import LocalPool
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 
 def exit_at_once(spec: int) -> None:

@@ -17,10 +17,9 @@ import pytest
 import yaml
 
 from loader_client import BatchStream, request_stats
-from tests.conftest import free_port, wait_for
-from tests.test_metrics import metrics_url, scrape
+from tests.helpers import free_port, metrics_url, scrape, wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "docker" / "monitoring"
 DASHBOARD = MONITORING / "grafana" / "dashboards" / "npyloader.json"
 PROMETHEUS_YML = MONITORING / "prometheus.yml"

@@ -14,7 +14,7 @@ import pytest
 
 from loader_client import BatchStream, request_stats
 from loader_server.shm import ipc_dir
-from tests.conftest import free_port, wait_for, write_id_dataset
+from tests.helpers import free_port, wait_for, write_id_dataset
 
 SLOW_OP = "import time\n\ndef pause(x, y, rng, seconds=0.05):\n    time.sleep(seconds)\n    return x, y\n"
 

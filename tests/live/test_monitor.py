@@ -1,5 +1,5 @@
 """DataWaitMonitor: its bookkeeping with a scripted sequence, and real `model.fit` runs against
-real servers, throttled and not (the diagnosis itself: tests/test_diagnose.py)."""
+real servers, throttled and not (the diagnosis itself: tests/unit/test_diagnose.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ keras = pytest.importorskip("keras", reason="needs the keras extra: pip install 
 
 from loader_client import DataWaitMonitor, RemoteSequence  # noqa: E402
 from loader_client.diagnose import AUGMENTATION  # noqa: E402
-from tests.conftest import serve_command  # noqa: E402
+from tests.helpers import serve_command  # noqa: E402
 
 IMAGE = 48
 SAMPLES = 1024

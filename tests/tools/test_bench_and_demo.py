@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import serve_command
+from tests.helpers import serve_command
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 import zmq
 
 from loader_client import BatchStream, protocol, request_stats
-from tests.conftest import free_port, wait_for
+from tests.helpers import free_port, wait_for
 
 
 def ids(batch) -> list[int]:
@@ -70,7 +70,7 @@ def truncate_data(path) -> None:
 
 def test_a_file_truncated_while_serving_fails_only_its_batches_naming_it(start_server, tmp_path):
     from loader_client import ServerError
-    from tests.conftest import write_id_dataset
+    from tests.helpers import write_id_dataset
 
     write_id_dataset(tmp_path / "d", [16, 16, 16])
     server = start_server("--data", str(tmp_path / "d"), "--label-column", "-1", "--batch-size", "16",
@@ -85,7 +85,7 @@ def test_a_file_truncated_while_serving_fails_only_its_batches_naming_it(start_s
 
 
 def test_on_bad_file_skip_serves_the_rest_of_every_batch(start_server, tmp_path):
-    from tests.conftest import write_id_dataset
+    from tests.helpers import write_id_dataset
 
     write_id_dataset(tmp_path / "d", [40, 40, 40])
     server = start_server("--data", str(tmp_path / "d"), "--label-column", "-1", "--batch-size", "16",
@@ -109,7 +109,7 @@ CRASH_OP = ("import os, signal\n\n"
 def test_a_batch_that_kills_every_worker_is_failed_naming_its_files_after_three_tries(
         start_server, tmp_path, monkeypatch):
     from loader_client import ServerError
-    from tests.conftest import write_id_dataset
+    from tests.helpers import write_id_dataset
 
     (tmp_path / "crashpkg").mkdir()
     (tmp_path / "crashpkg" / "__init__.py").write_text("")
@@ -154,7 +154,7 @@ def no_dac_override() -> tuple[str, ...]:
 @pytest.mark.parametrize("damage", [remove, drop_read_permission])
 def test_a_file_removed_or_made_unreadable_while_serving_fails_only_its_batches(start_server, tmp_path, damage):
     from loader_client import ServerError
-    from tests.conftest import write_id_dataset
+    from tests.helpers import write_id_dataset
 
     write_id_dataset(tmp_path / "d", [16, 16, 16])
     prefix = no_dac_override() if damage is drop_read_permission else ()
@@ -195,7 +195,7 @@ def test_all_workers_dying_at_once_mid_epoch_times_out_clearly_then_resumes_exac
 
 
 def test_vanished_clients_are_forgotten_and_leak_no_memory(start_server, id_dataset):
-    from tests.conftest import rss_mb
+    from tests.helpers import rss_mb
 
     folder, _ = id_dataset
     server = start_server("--data", str(folder), "--label-column", "-1", "--client-timeout", "3", "--heartbeat", "0.3",
@@ -225,7 +225,7 @@ def test_vanished_clients_are_forgotten_and_leak_no_memory(start_server, id_data
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", "remote"])
 def test_a_client_that_stops_reading_pins_bounded_memory_and_starves_no_one(start_server, start_worker, tmp_path, where):
-    from tests.conftest import rss_mb
+    from tests.helpers import rss_mb
 
     rng = np.random.default_rng(0)
     folder = tmp_path / "imgs"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from loader_client import BatchStream, request_stats
-from tests.conftest import serve_command, wait_for, write_id_dataset
+from tests.helpers import serve_command, wait_for, write_id_dataset
 
 
 def read_epoch(url: str, epoch: int = 0, **kw) -> list[tuple[np.ndarray, ...]]:

@@ -1,4 +1,4 @@
-"""tests/netns.py: two hosts in network namespaces reach each other, and nothing else; teardown
+"""tests/deploy/netns.py: two hosts in network namespaces reach each other, and nothing else; teardown
 stops every process and removes both namespaces, also when the body fails."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import IP, netns_unavailable_reason, two_hosts
+from tests.deploy.netns import IP, netns_unavailable_reason, two_hosts
 
 pytestmark = pytest.mark.skipif(netns_unavailable_reason() is not None,
                                 reason=str(netns_unavailable_reason()))
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 ECHO_SERVER = r"""
 import socket, sys

@@ -13,30 +13,7 @@ import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from loader_client import BatchStream, protocol, request_stats
-from tests.conftest import wait_for
-
-METRICS_URL = re.compile(r"metrics for Prometheus at (http://\S+/metrics)")
-
-
-def metrics_url(log: str) -> str | None:
-    found = METRICS_URL.search(log)
-    return found.group(1) if found else None
-
-
-def scrape(url: str) -> dict[str, dict[tuple, float]]:
-    """{sample name: {sorted label items: value}} of one scrape."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        assert response.headers["Content-Type"].startswith("text/plain")
-        text = response.read().decode()
-    samples: dict[str, dict[tuple, float]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
-    return samples
-
-
-def value(samples: dict, name: str, **labels: str) -> float:
-    return samples[name][tuple(sorted(labels.items()))]
+from tests.helpers import metrics_url, scrape, value, wait_for
 
 
 def test_server_metrics_move_as_batches_flow(start_server, id_dataset):

@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 
-from tests.conftest import serve_command, wait_for, write_id_dataset
-from tests.netns import netns_unavailable_reason, two_hosts
+from tests.deploy.netns import netns_unavailable_reason, two_hosts
+from tests.helpers import serve_command, wait_for, write_id_dataset
 
 UNAVAILABLE = netns_unavailable_reason()
 pytestmark = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"no test hosts: {UNAVAILABLE}")

@@ -313,7 +313,7 @@ def test_rejects_huge_declared_shape_before_touching_frames(shape):
 @pytest.mark.parametrize("shape", [[0, 1 << 61], [1 << 40, 0, 1 << 40], [0] + [(1 << 62) - 1] * 7])
 def test_rejects_empty_array_whose_other_dimensions_overflow(shape):
     """Zero bytes, but numpy refuses to shape it ("array is too big", a plain ValueError), so
-    the decoder must refuse it itself: found by fuzzing a live server (tests/test_fuzz_live.py)."""
+    the decoder must refuse it itself: found by fuzzing a live server (tests/live/test_fuzz_live.py)."""
     rejects([header(valid("ping", arrays=[["x", "<f8", shape]])), b""], "declares", "shape", "'x'", "limit")
 
 
@@ -379,7 +379,7 @@ def test_error_messages_truncate_huge_values():
 def test_error_messages_quote_huge_and_deep_values_briefly(where):
     """The server sends these messages back in an `error`, whose `message` the client only
     accepts up to 16 KiB; a value nested a thousand deep must not turn into a RecursionError
-    from repr. Both found by fuzzing a live server (tests/test_fuzz_live.py)."""
+    from repr. Both found by fuzzing a live server (tests/live/test_fuzz_live.py)."""
     fields = {"v": protocol.VERSION, "type": "request", "epoch": 0, "batches": [0]}
     deep = b"\x91" * 1000 + b"\x00"  # [[[...[0]...]]], within msgpack's own depth limit
     raw = b"".join(header(k) + (deep if k == where else header(v)) for k, v in fields.items())
