@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from loader_client import BatchStream, request_stats
-from loader_server.shm import ipc_dir
 from tests.helpers import free_port, wait_for, write_id_dataset
 
 SLOW_OP = "import time\n\ndef pause(x, y, rng, seconds=0.05):\n    time.sleep(seconds)\n    return x, y\n"
@@ -130,20 +129,3 @@ def test_a_tmpdir_too_long_for_an_ipc_socket_falls_back_to_tmp(start_server, id_
     assert f"TMPDIR {deep} is too long for an ipc socket path; using /tmp" in server.log()
     with BatchStream(server.endpoint, timeout=30) as stream:
         assert sorted(i for batch in stream for i in ids(batch)) == list(range(n))
-
-
-def test_stale_folder_cleanup_touches_only_dead_servers_socket_folders(tmp_path):
-    dead_pid = 2**22 + 12345  # above pid_max's default range: no such process
-    stale = tmp_path / f"{ipc_dir.PREFIX}{dead_pid}-abc"
-    stale.mkdir()
-    (stale / ipc_dir.SOCKET_NAME).touch()
-    live = tmp_path / f"{ipc_dir.PREFIX}{os.getpid()}-def"
-    live.mkdir()
-    other_content = tmp_path / f"{ipc_dir.PREFIX}{dead_pid}-ghi"
-    other_content.mkdir()
-    (other_content / "notes.txt").write_text("not ours")
-    unrelated = tmp_path / f"{ipc_dir.PREFIX}docker"
-    unrelated.mkdir()
-
-    assert ipc_dir.remove_stale(str(tmp_path)) == [str(stale)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other_content.name, unrelated.name])

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 import pytest
 
 from loader_client import BatchStream, request_stats
-from loader_server.tools.watch import fit, table
 from tests.helpers import free_port, serve_command, wait_for
 
 ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -212,19 +211,3 @@ def test_watch_reports_a_silent_endpoint_keeps_retrying_and_shows_the_server_onc
     watch.read_until(lambda out: re.search(r"^train\s+203\s", out.rsplit(no_answer, 1)[1], re.M), 30,
                      "the dataset once the server is up")
     assert watch.interrupt() == 0
-
-
-def test_table_aligns_text_left_and_numbers_right():
-    assert table(["NAME", "N", "BUSY"], [["a", 5, "7%"], ["long-name", 123, "100%"]]) == [
-        "NAME         N  BUSY",
-        "a            5    7%",
-        "long-name  123  100%",
-    ]
-    assert table(["CLIENT", "DATASET"], []) == ["CLIENT  (none)"]
-
-
-def test_fit_cuts_lines_to_the_width_and_says_how_many_lines_it_hid():
-    lines = [f"line {i} " + "x" * 50 for i in range(10)]
-    cut = fit(lines, columns=20, rows=6)
-    assert len(cut) == 5 and all(len(line) <= 19 for line in cut)
-    assert cut[:4] == [line[:19] for line in lines[:4]] and cut[4].startswith("... 6 more lines")
