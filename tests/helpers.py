@@ -97,9 +97,106 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes in process group `pgid`, read from /proc. A process started
+    with `launch` leads a group of its own, which its children join and keep after it dies."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry))
+    return members
+
+
+def describe(pids: list[int]) -> str:
+    """`pid: command line` of each pid, for a failure message."""
+    lines = []
+    for pid in pids:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            cmd = "(gone)"
+        lines.append(f"{pid}: {cmd.strip()[:200]}")
+    return "; ".join(lines)
+
+
+def launch(argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `argv` with its output in `log_path`, stdin from /dev/null (no terminal it could
+    stop on or read), `env` added to the environment, and in a session and process group of
+    its own (pgid == pid), so that `kill_group` reaches every process it starts, even after it
+    died itself, and a Ctrl-C meant for pytest reaches only pytest, whose teardown stops it."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> list[int]:
+    """End `proc` and everything left in its process group: SIGTERM to the group, up to `grace`
+    seconds for all of it to go, then SIGKILL to whatever remains; `proc` is reaped. Returns the
+    pids that needed SIGKILL. Never raises for processes that are already gone."""
+    pgid = proc.pid
+
+    def signal_group(sig: int) -> None:
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+
+    def anything_left() -> bool:
+        return proc.poll() is None or bool(group_members(pgid))
+
+    stubborn: list[int] = []
+    if anything_left():
+        signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while anything_left() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if anything_left():
+            stubborn = group_members(pgid)
+            signal_group(signal.SIGKILL)
+    proc.wait(10)
+    return stubborn
+
+
+def run_bounded(argv: list[str], timeout: float, grace: float = 10.0, **kw: object) -> subprocess.CompletedProcess:
+    """`subprocess.run(argv, capture_output=True, text=True)` for commands that start servers of
+    their own (bench, demo, soak, serve): the command runs in a process group of its own, and on
+    timeout the whole group gets SIGTERM, then SIGKILL after `grace` seconds, so nothing it
+    started outlives the test; then the test fails with the command's output so far.
+    subprocess.run's own timeout kills only the direct child and would leave its servers running."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                            text=True, start_new_session=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc, grace)
+        try:
+            out, err = proc.communicate(timeout=grace)
+        except subprocess.TimeoutExpired:  # a process outside the group still holds the pipes
+            out, err = "", ""
+        raise AssertionError(f"{' '.join(argv)} did not finish within {timeout}s; stopped it and its process "
+                             f"group\nstdout: {out[-3000:]}\nstderr: {err[-3000:]}") from None
+    except BaseException:
+        kill_group(proc, grace)
+        raise
+    # helpers such as a resource tracker follow the command out within moments; whatever is
+    # left after `grace` is ended here, since the test started it
+    deadline = time.monotonic() + grace
+    while group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    kill_group(proc, grace)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 @dataclass
 class ServerProcess:
-    """A running `npyloader serve` subprocess and its log."""
+    """A running `npyloader serve` (or `npyloader worker`) started with `launch`, and its log."""
 
     proc: subprocess.Popen
     log_path: Path
@@ -113,17 +210,43 @@ class ServerProcess:
         """Worker processes: children of serve other than multiprocessing's resource tracker."""
         return children_but_resource_tracker(self.proc.pid)
 
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        """Wait for the ready line and read the endpoints from the log; fail with the log if the
+        server exits first."""
+        def ready() -> str | None:
+            m = READY.search(self.log())
+            if m is None and self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            return m.group(1) if m else None
+
+        self.endpoint = wait_for(ready, timeout, "the server's ready line")
+        found = WORKER_ENDPOINT.search(self.log())
+        self.worker_endpoint = found.group(1) if found else ""
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
-        if self.proc.poll() is None:
-            every_child = children_of(self.proc.pid)
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-                raise AssertionError(f"server did not stop within {timeout}s of signal {sig}:\n{self.log()[-3000:]}")
-            wait_for(lambda: not any(pid_alive(p) for p in every_child), 10, "worker processes to exit")
+        """Send `sig` and wait for the process, then for every process of its group (workers,
+        multiprocessing's resource tracker, which unlinks shared memory) to exit by itself. Also
+        when the process had already exited: its workers may outlive it. Whatever is still there
+        at a deadline is killed (the group, SIGTERM then SIGKILL) and the test fails naming it."""
+        problems = []
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(sig)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    problems.append(f"pid {self.proc.pid} did not stop within {timeout}s of signal {sig}:\n"
+                                    f"{self.log()[-3000:]}")
+            if not problems:
+                try:
+                    wait_for(lambda: not group_members(self.proc.pid), 10, "its other processes to exit")
+                except AssertionError:
+                    left = group_members(self.proc.pid)
+                    problems.append(f"processes started by pid {self.proc.pid} outlived it by 10 s: {describe(left)}")
+        finally:
+            kill_group(self.proc)
+        if problems:
+            raise AssertionError("\n".join(problems))
         return self.proc.returncode
 
 
@@ -139,6 +262,9 @@ class WorkerProcess:
 
     def pids(self) -> list[int]:
         return ServerProcess(self.proc, self.log_path).workers()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        return ServerProcess(self.proc, self.log_path).stop(sig, timeout)
 
 
 def serve_command(*args: str) -> list[str]:

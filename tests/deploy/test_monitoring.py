@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from loader_client import BatchStream, request_stats
-from tests.helpers import free_port, metrics_url, scrape, wait_for
+from tests.helpers import free_port, kill_group, launch, metrics_url, scrape, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "docker" / "monitoring"
@@ -126,10 +126,9 @@ def test_a_real_prometheus_scrapes_both_and_answers_every_panel(exporting, tmp_p
         job["static_configs"] = [{"targets": [urllib.parse.urlsplit(targets[job["job_name"]]).netloc]}]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     api = f"127.0.0.1:{free_port()}"
-    with open(tmp_path / "prometheus.log", "w") as log:
-        proc = subprocess.Popen(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
-                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address={api}"],
-                                stdout=log, stderr=subprocess.STDOUT)
+    proc = launch(["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+                   f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address={api}"],
+                  tmp_path / "prometheus.log")
     try:
         def query(expr: str) -> list:
             url = f"http://{api}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
@@ -154,5 +153,4 @@ def test_a_real_prometheus_scrapes_both_and_answers_every_panel(exporting, tmp_p
 
                 wait_for(answered, 60, f"panel {title!r} to show data: {expr}", interval=0.5)
     finally:
-        proc.terminate()
-        proc.wait(20)
+        kill_group(proc, grace=20)  # SIGTERM, and SIGKILL should Prometheus not stop within 20 s

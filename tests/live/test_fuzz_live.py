@@ -19,9 +19,7 @@ heartbeat is short so that a fake worker that registered and went silent is reti
 
 from __future__ import annotations
 
-import os
 import pickle
-import subprocess
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -42,10 +40,9 @@ from loader_client import protocol
 from loader_client.stream import Connection, DatasetInfo, ServerError, request_stats
 from loader_server.serve.broker import CLIENT_MESSAGES, WORKER_MESSAGES
 from tests.helpers import (
-    READY,
-    WORKER_ENDPOINT,
     ServerProcess,
     dealer,
+    launch,
     monitored_dealer,
     pickle_bomb,
     serve_command,
@@ -129,25 +126,15 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
                          "--batch-size", str(BATCH), "--workers", "1", "--bind", "tcp://127.0.0.1:0",
                          "--worker-bind", "tcp://127.0.0.1:0", "--heartbeat", str(HEARTBEAT_S),
                          "--no-index-cache")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    server = ServerProcess(proc, log_path)
+    server = ServerProcess(launch(argv, log_path), log_path)
     check = None
     try:
-        def ready() -> str | None:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited with {proc.returncode}:\n{server.log()}")
-            m = READY.search(server.log())
-            return m.group(1) if m else None
-
-        server.endpoint = wait_for(ready, 90, "the server's ready line")
-        server.worker_endpoint = WORKER_ENDPOINT.search(server.log()).group(1)
+        server.wait_ready()
         wait_for(lambda: request_stats(server.endpoint)["workers"]["ready"] == 1, 60, "the local worker")
         [worker_pid] = server.workers()
         check = Connection(server.endpoint, timeout=REPLY_TIMEOUT_S)
         live = Live(server, tmp / "pwned", check, worker_pid)
-        live.rss_kb["start"] = rss_kb(proc.pid)
+        live.rss_kb["start"] = rss_kb(server.proc.pid)
         yield live
     finally:
         if check is not None:

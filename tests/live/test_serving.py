@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from loader_client import BatchStream, request_stats
-from tests.helpers import serve_command, wait_for, write_id_dataset
+from tests.helpers import run_bounded, serve_command, wait_for, write_id_dataset
 
 
 def read_epoch(url: str, epoch: int = 0, **kw) -> list[tuple[np.ndarray, ...]]:
@@ -236,8 +236,8 @@ def test_stats_command_reports_datasets_workers_and_clients(start_server, id_dat
     server = start_server("--data", str(folder), "--label-column", "-1", "--batch-size", "16")
     with BatchStream(server.endpoint, timeout=30) as stream:
         list(stream)
-        out = subprocess.run(serve_command("stats", server.endpoint, "--json"), capture_output=True, text=True,
-                             timeout=60, check=True)
+        out = run_bounded(serve_command("stats", server.endpoint, "--json"), timeout=60)
+        assert out.returncode == 0, out.stderr
         stats = json.loads(out.stdout)
         train = stats["datasets"]["train"]
         assert {k: train[k] for k in ("samples", "batches", "batch_size", "batches_served", "batches_built",
@@ -247,8 +247,7 @@ def test_stats_command_reports_datasets_workers_and_clients(start_server, id_dat
         assert train["latency_s"]["count"] == 13 and train["worker_read_s"] > 0 and train["worker_augment_s"] == 0
         assert stats["workers"]["alive"] == 2 and stats["batches_served"] == 13
         assert stats["clients"][0]["batches"] == 13
-        text = subprocess.run(serve_command("stats", server.endpoint), capture_output=True, text=True,
-                              timeout=60, check=True).stdout
+        text = run_bounded(serve_command("stats", server.endpoint), timeout=60).stdout
         assert "2 alive" in text and "dataset train: 203 samples" in text and "waited" in text
         assert "local worker local-" in text and "busy" in text and "last heartbeat" in text
 

@@ -16,13 +16,14 @@ import pytest
 import zmq
 
 from loader_client.stream import BatchStream
-from tests.helpers import serve_command, write_id_dataset
+from tests.helpers import run_bounded, serve_command, write_id_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(serve_command(*args), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    """`npyloader ARGS`; `serve` starts workers, so a hang stops its whole process group."""
+    return run_bounded(serve_command(*args), timeout=timeout, cwd=REPO)
 
 
 def serve(*args: str) -> subprocess.CompletedProcess:

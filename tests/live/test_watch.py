@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from loader_client import BatchStream, request_stats
-from tests.helpers import free_port, serve_command, wait_for
+from tests.helpers import free_port, kill_group, serve_command, wait_for
 
 ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -65,7 +65,8 @@ class Watch:
 
 @pytest.fixture
 def start_watch() -> Iterator[Callable[..., Watch]]:
-    """Start `npyloader stats ENDPOINT --watch ARGS` on a pty (`tty=True`) or a pipe; killed at teardown."""
+    """Start `npyloader stats ENDPOINT --watch ARGS` on a pty (`tty=True`) or a pipe, in a process
+    group of its own; the group is stopped at teardown, pass or fail."""
     started: list[tuple[Watch, list[int]]] = []
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
 
@@ -74,22 +75,20 @@ def start_watch() -> Iterator[Callable[..., Watch]]:
         if tty:
             master, slave = pty.openpty()
             resize(slave, *size)
-            proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env)
+            proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True)
             os.close(slave)
             watch = Watch(proc, master)
             started.append((watch, [master]))
         else:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, env=env)
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
             watch = Watch(proc, proc.stdout.fileno())
             started.append((watch, []))
         return watch
 
     yield start
     for watch, fds in started:
-        if watch.proc.poll() is None:
-            watch.proc.kill()
-            watch.proc.wait(10)
+        kill_group(watch.proc)
         if watch.proc.stdout is not None:
             watch.proc.stdout.close()
         for fd in fds:

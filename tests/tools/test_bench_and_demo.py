@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 
 import pytest
 
-from tests.helpers import serve_command
+from tests.helpers import run_bounded, serve_command
 
 
 @pytest.mark.slow
 def test_bench_quick_writes_the_report_json_and_plot_for_every_loader(tmp_path):
     out = tmp_path / "BENCH.md"
-    result = subprocess.run(serve_command("bench", "--quick", "--repeats", "1", "--out", str(out)),
-                            capture_output=True, text=True, timeout=900)
+    result = run_bounded(serve_command("bench", "--quick", "--repeats", "1", "--out", str(out)), timeout=900)
     assert result.returncode == 0, result.stderr
     report = json.loads(out.with_suffix(".json").read_text())
     loaders = {(r["workload"], r["loader"].split(",")[0]) for r in report["results"]}
@@ -33,8 +31,8 @@ def test_bench_quick_writes_the_report_json_and_plot_for_every_loader(tmp_path):
 
 @pytest.mark.slow
 def test_demo_trains_the_digits_model_well_above_chance(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "loader_server.tools.demo", "--dir", str(tmp_path / "demo"),
-                             "--epochs", "4"], capture_output=True, text=True, timeout=600)
+    result = run_bounded([sys.executable, "-m", "loader_server.tools.demo", "--dir", str(tmp_path / "demo"),
+                          "--epochs", "4"], timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     accuracy = float(re.search(r"validation accuracy (\d\.\d+)", result.stderr).group(1))
     assert accuracy > 0.8

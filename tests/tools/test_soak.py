@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from loader_server.tools.soak.faults import FAULTS
-from tests.helpers import serve_command
+from tests.helpers import run_bounded, serve_command
 
 
 def processes_with_tmpdir(folder: Path) -> list[str]:
@@ -39,8 +38,8 @@ def test_a_one_minute_soak_loses_and_repeats_nothing_and_leaves_nothing(tmp_path
     # most 107 bytes.
     scratch = tmp_path_factory.mktemp("s")
     out = tmp_path_factory.mktemp("out") / "reliability.md"
-    done = subprocess.run(serve_command("soak", "--minutes", "1", "--seed", "1", "--out", str(out)),
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "TMPDIR": str(scratch)})
+    done = run_bounded(serve_command("soak", "--minutes", "1", "--seed", "1", "--out", str(out)), timeout=600,
+                       env={**os.environ, "TMPDIR": str(scratch)})
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["ok"] and report["all_problems"] == []
