@@ -110,6 +110,22 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
 
 
 @pytest.fixture
+def augment_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str, str], str]:
+    """`make(name, source)` writes package `name` with module `augs` holding `source` under
+    tmp_path, puts it on the PYTHONPATH the servers started afterwards inherit, and returns
+    "name.augs" for `--augment name.augs:op:k=v`."""
+    def make(name: str, source: str) -> str:
+        pkg = tmp_path / name
+        pkg.mkdir()
+        (pkg / "__init__.py").write_text("")
+        (pkg / "augs.py").write_text(source)
+        monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+        return f"{name}.augs"
+
+    return make
+
+
+@pytest.fixture
 def id_dataset(tmp_path: Path) -> tuple[Path, int]:
     """Five uneven files, 203 samples: batch 16 gives 13 batches with a partial last one."""
     folder = tmp_path / "ids"

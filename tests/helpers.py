@@ -73,13 +73,18 @@ def children_but_resource_tracker(pid: int) -> list[int]:
     return pids
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process now, from /proc (VmRSS)."""
+def rss_kb(pid: int) -> int:
+    """Resident memory of a process now, from /proc (VmRSS), in kB."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+                return int(line.split()[1])
     raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process now, in MB."""
+    return rss_kb(pid) / 1024
 
 
 def free_port() -> int:
@@ -271,6 +276,11 @@ def serve_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "loader_server.cli", *args]
 
 
+# An augment op that stands for costly work: batches stay in progress long enough for a test to
+# signal, kill or stop the worker building them (see the `augment_package` fixture).
+PAUSE_OP = "import time\n\ndef pause(x, y, rng, seconds=0.05):\n    time.sleep(seconds)\n    return x, y\n"
+
+
 def write_id_dataset(folder: Path, rows_per_file: list[int], features: int = 16, dtype: str = "float32") -> int:
     """Combined-layout files whose label column is the global sample id (so tests can count samples)
     and whose features are a deterministic function of it (so tests can check content)."""
@@ -282,6 +292,31 @@ def write_id_dataset(folder: Path, rows_per_file: list[int], features: int = 16,
         np.save(folder / f"part-{i:03d}.npy", np.column_stack([feats, ids]).astype(dtype))
         start += rows
     return start
+
+
+def batch_ids(batch: tuple[np.ndarray, ...]) -> list[int]:
+    """The sample ids a batch of an id dataset carries (its label column)."""
+    return batch[1].astype(int).tolist()
+
+
+def ids_of(batches: list[tuple[np.ndarray, ...]]) -> list[int]:
+    """The sample ids of a list of batches, in order."""
+    return np.concatenate([b[1] for b in batches]).astype(int).tolist()
+
+
+def read_epoch(url: str, epoch: int = 0, timeout: float = 60, **kw: object) -> list[tuple[np.ndarray, ...]]:
+    """One whole epoch through BatchStream, each array copied out of its message."""
+    from loader_client import BatchStream
+
+    with BatchStream(url, epoch=epoch, timeout=timeout, **kw) as stream:
+        return [tuple(a.copy() for a in batch) for batch in stream]
+
+
+def tasks_in_progress(endpoint: str) -> int:
+    """Batches the server's workers are building now."""
+    from loader_client import request_stats
+
+    return sum(w["tasks"] for w in request_stats(endpoint)["workers"]["list"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,11 +381,21 @@ def metrics_url(log: str) -> str | None:
     return found.group(1) if found else None
 
 
+# Every URL tests fetch is on loopback: an http_proxy inherited from the shell must not apply.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def http_get(url: str, timeout: float = 10) -> tuple[str, bytes]:
+    """(Content-Type, body) of a GET, straight to the host, never through a proxy."""
+    with _DIRECT.open(url, timeout=timeout) as response:
+        return response.headers["Content-Type"], response.read()
+
+
 def scrape(url: str) -> dict[str, dict[tuple, float]]:
     """{sample name: {sorted label items: value}} of one scrape."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        assert response.headers["Content-Type"].startswith("text/plain")
-        text = response.read().decode()
+    content_type, body = http_get(url)
+    assert content_type.startswith("text/plain")
+    text = body.decode()
     samples: dict[str, dict[tuple, float]] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from loader_client import BatchStream, request_stats
-from tests.helpers import free_port, kill_group, launch, metrics_url, scrape, wait_for
+from tests.helpers import free_port, http_get, kill_group, launch, metrics_url, scrape, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "docker" / "monitoring"
@@ -133,8 +133,7 @@ def test_a_real_prometheus_scrapes_both_and_answers_every_panel(exporting, tmp_p
         def query(expr: str) -> list:
             url = f"http://{api}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
             try:
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    answer = json.loads(response.read())
+                answer = json.loads(http_get(url, timeout=5)[1])
             except OSError:
                 return []
             assert answer["status"] == "success", (expr, answer)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.netns import IP, netns_unavailable_reason, two_hosts
+from tests.helpers import pid_alive
 
 pytestmark = pytest.mark.skipif(netns_unavailable_reason() is not None,
                                 reason=str(netns_unavailable_reason()))
@@ -61,15 +62,6 @@ def read_line(proc: subprocess.Popen, timeout: float) -> str:
             if proc.poll() is not None:
                 raise AssertionError(f"process exited ({proc.returncode}) before printing a line")
     raise AssertionError(f"no line from the process within {timeout}s")
-
-
-def pid_alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def netns_list() -> str:

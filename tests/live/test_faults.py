@@ -12,11 +12,7 @@ import pytest
 import zmq
 
 from loader_client import BatchStream, protocol, request_stats
-from tests.helpers import free_port, wait_for
-
-
-def ids(batch) -> list[int]:
-    return batch[1].astype(int).tolist()
+from tests.helpers import batch_ids, free_port, wait_for
 
 
 @pytest.mark.slow
@@ -29,11 +25,11 @@ def test_client_resumes_exactly_once_after_the_server_is_killed_and_restarted(st
     with BatchStream(first.endpoint, timeout=60, prefetch=4) as stream:
         batches = iter(stream)
         for _ in range(5):
-            got += ids(next(batches))
+            got += batch_ids(next(batches))
         first.stop(signal.SIGKILL)
         start_server(*args, workers=1)
         for batch in batches:
-            got += ids(batch)
+            got += batch_ids(batch)
         assert stream.stats()["reconnects"] >= 1
     assert sorted(got) == list(range(n)), "nothing lost, nothing repeated across the restart"
 
@@ -48,7 +44,7 @@ def test_all_workers_dead_gives_a_clear_timeout_and_recovery_when_they_return(st
         start_worker(server.worker_endpoint)
         wait_for(lambda: request_stats(server.endpoint)["workers"]["ready"] == 1, 30, "a worker to join")
         stream.epoch = 0
-        assert sorted(v for batch in stream for v in ids(batch)) == list(range(n))
+        assert sorted(v for batch in stream for v in batch_ids(batch)) == list(range(n))
 
 
 def test_an_idle_client_that_was_forgotten_carries_on_transparently(start_server, id_dataset):
@@ -56,9 +52,9 @@ def test_an_idle_client_that_was_forgotten_carries_on_transparently(start_server
     server = start_server("--data", str(folder), "--label-column", "-1", "--client-timeout", "3",
                           "--heartbeat", "0.3", workers=1)
     with BatchStream(server.endpoint, timeout=30) as stream:
-        assert sorted(v for batch in stream for v in ids(batch)) == list(range(n))
+        assert sorted(v for batch in stream for v in batch_ids(batch)) == list(range(n))
         wait_for(lambda: request_stats(server.endpoint)["clients"] == [], 20, "the idle client to be forgotten")
-        assert sorted(v for batch in stream for v in ids(batch)) == list(range(n)), "the next epoch, complete"
+        assert sorted(v for batch in stream for v in batch_ids(batch)) == list(range(n)), "the next epoch, complete"
         assert stream.stats()["reconnects"] == 1
 
 
@@ -78,10 +74,10 @@ def test_a_file_truncated_while_serving_fails_only_its_batches_naming_it(start_s
     truncate_data(tmp_path / "d" / "part-001.npy")
     with BatchStream(server.endpoint, timeout=30) as stream:
         conn = stream._conn
-        assert ids(conn.get(0, 0)) == list(range(16))
+        assert batch_ids(conn.get(0, 0)) == list(range(16))
         with pytest.raises(ServerError, match="part-001.npy"):
             conn.get(0, 1)
-        assert ids(conn.get(0, 2)) == list(range(32, 48)), "other batches keep flowing"
+        assert batch_ids(conn.get(0, 2)) == list(range(32, 48)), "other batches keep flowing"
 
 
 def test_on_bad_file_skip_serves_the_rest_of_every_batch(start_server, tmp_path):
@@ -92,7 +88,7 @@ def test_on_bad_file_skip_serves_the_rest_of_every_batch(start_server, tmp_path)
                           "--on-bad-file", "skip", workers=2)
     truncate_data(tmp_path / "d" / "part-001.npy")
     with BatchStream(server.endpoint, timeout=30) as stream:
-        got = sorted(v for batch in stream for v in ids(batch))
+        got = sorted(v for batch in stream for v in batch_ids(batch))
     assert got == list(range(40)) + list(range(80, 120)), "every readable sample exactly once"
     wait_for(lambda: "skipping unreadable samples of" in server.log() and "part-001.npy" in server.log(), 10,
              "the skipped file to be named in the log")
@@ -107,17 +103,14 @@ CRASH_OP = ("import os, signal\n\n"
 
 @pytest.mark.slow
 def test_a_batch_that_kills_every_worker_is_failed_naming_its_files_after_three_tries(
-        start_server, tmp_path, monkeypatch):
+        start_server, tmp_path, augment_package):
     from loader_client import ServerError
     from tests.helpers import write_id_dataset
 
-    (tmp_path / "crashpkg").mkdir()
-    (tmp_path / "crashpkg" / "__init__.py").write_text("")
-    (tmp_path / "crashpkg" / "augs.py").write_text(CRASH_OP)
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    module = augment_package("crashpkg", CRASH_OP)
     n = write_id_dataset(tmp_path / "d", [16, 16, 16])
     server = start_server("--data", str(tmp_path / "d"), "--label-column", "-1", "--batch-size", "8",
-                          "--no-shuffle", "--augment", "crashpkg.augs:crash_on:sample=21", workers=2)
+                          "--no-shuffle", "--augment", f"{module}:crash_on:sample=21", workers=2)
     got: list[int] = []
     with BatchStream(server.endpoint, timeout=60) as stream:
         conn = stream._conn
@@ -128,7 +121,7 @@ def test_a_batch_that_kills_every_worker_is_failed_naming_its_files_after_three_
                                                       r"by SIGBUS\).*part-001\.npy"):
                     conn.get(0, index)
             else:
-                got += ids(conn.get(0, index))
+                got += batch_ids(conn.get(0, index))
     assert sorted(got) == sorted(set(range(n)) - set(range(16, 24))), "every other batch exactly once"
     wait_for(lambda: request_stats(server.endpoint)["workers"]["respawns"] >= 3, 30, "three crashed workers replaced")
     wait_for(lambda: len(server.workers()) == 2, 30, "two live workers again")
@@ -163,10 +156,10 @@ def test_a_file_removed_or_made_unreadable_while_serving_fails_only_its_batches(
     damage(tmp_path / "d" / "part-001.npy")
     with BatchStream(server.endpoint, timeout=30) as stream:
         conn = stream._conn
-        assert ids(conn.get(0, 0)) == list(range(16))
+        assert batch_ids(conn.get(0, 0)) == list(range(16))
         with pytest.raises(ServerError, match=r"part-001\.npy row \d+\): cannot read"):
             conn.get(0, 1)
-        assert ids(conn.get(0, 2)) == list(range(32, 48)), "other batches keep flowing"
+        assert batch_ids(conn.get(0, 2)) == list(range(32, 48)), "other batches keep flowing"
 
 
 @pytest.mark.slow
@@ -181,7 +174,7 @@ def test_all_workers_dying_at_once_mid_epoch_times_out_clearly_then_resumes_exac
     with BatchStream(server.endpoint, timeout=3) as stream:
         conn, batches = stream._conn, len(stream)
         for index in range(5):
-            got += ids(conn.get(0, index))
+            got += batch_ids(conn.get(0, index))
         for pid in [first.proc.pid, *first.pids()]:
             os.kill(pid, signal.SIGKILL)
         wait_for(lambda: request_stats(server.endpoint)["workers"]["ready"] == 0, 30, "the dead workers retired")
@@ -190,7 +183,7 @@ def test_all_workers_dying_at_once_mid_epoch_times_out_clearly_then_resumes_exac
             conn.get(0, 5)
         start_worker(server.worker_endpoint, processes=1)
         for index in range(5, batches):
-            got += ids(conn.get(0, index))
+            got += batch_ids(conn.get(0, index))
     assert sorted(got) == list(range(n)), "nothing lost, nothing repeated"
 
 

@@ -45,6 +45,7 @@ from tests.helpers import (
     launch,
     monitored_dealer,
     pickle_bomb,
+    rss_kb,
     serve_command,
     wait_for,
     write_id_dataset,
@@ -106,13 +107,6 @@ class Live:
     checks: int = 0
     validator_errors: int = 0
     sent: int = 0  # hostile messages, probes left out
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 import re
 import signal
-import urllib.request
 
 import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
 from loader_client import BatchStream, protocol, request_stats
-from tests.helpers import metrics_url, scrape, value, wait_for
+from tests.helpers import http_get, metrics_url, scrape, value, wait_for
 
 
 def test_server_metrics_move_as_batches_flow(start_server, id_dataset):
@@ -79,8 +78,7 @@ def test_metric_names_follow_prometheus_conventions(start_server, id_dataset):
     url = metrics_url(server.log())
     with BatchStream(server.endpoint, timeout=30) as stream:
         list(stream)
-        with urllib.request.urlopen(url, timeout=10) as response:
-            families = list(text_string_to_metric_families(response.read().decode()))
+        families = list(text_string_to_metric_families(http_get(url)[1].decode()))
     for family in families:
         assert re.fullmatch(r"npyloader_[a-z_]+", family.name), family.name
         assert family.documentation, f"{family.name} has no help text"

@@ -15,18 +15,9 @@ import pytest
 
 from loader_client import BatchStream, request_stats
 from loader_client.security import ClientCurve
-from tests.helpers import free_port, serve_command, wait_for, write_id_dataset
+from tests.helpers import free_port, ids_of, read_epoch, serve_command, wait_for, write_id_dataset
 
 WORKER_BIND = ("--worker-bind", "tcp://127.0.0.1:0")
-
-
-def copy_epoch(url: str, epoch: int = 0, **kw) -> list[tuple[np.ndarray, ...]]:
-    with BatchStream(url, epoch=epoch, timeout=60, **kw) as stream:
-        return [tuple(a.copy() for a in batch) for batch in stream]
-
-
-def ids_of(batches) -> list[int]:
-    return np.concatenate([b[1] for b in batches]).astype(int).tolist()
 
 
 def remote_workers(url: str, **kw) -> list[dict]:
@@ -52,14 +43,14 @@ def slow_images(folder: Path, count: int = 480) -> tuple[str, ...]:
 def test_remote_workers_alone_serve_the_same_bytes_as_local_ones(start_server, start_worker, tmp_path):
     args = slow_images(tmp_path / "imgs", count=160)
     local = start_server(*args, workers=1)
-    expected = copy_epoch(local.endpoint)
+    expected = read_epoch(local.endpoint)
     local.stop()
 
     server = start_server(*args, *WORKER_BIND, workers=0)
     assert server.worker_endpoint.startswith("tcp://127.0.0.1:")
     start_worker(server.worker_endpoint, processes=2)
     wait_remote(server.endpoint, 2)
-    got = copy_epoch(server.endpoint)
+    got = read_epoch(server.endpoint)
     assert [b[0].tobytes() for b in got] == [b[0].tobytes() for b in expected]
     assert sorted(ids_of(got)) == list(range(160))
     workers = remote_workers(server.endpoint)
@@ -140,7 +131,7 @@ def test_data_root_maps_the_servers_paths_to_this_hosts_copy(start_server, start
     assert f"data root {tmp_path / 'server' / 'ids'}" in server.log()
     start_worker(server.worker_endpoint, "--data-root", str(tmp_path / "mirror" / "ids"))
     wait_remote(server.endpoint, 1)
-    assert sorted(ids_of(copy_epoch(server.endpoint))) == list(range(n))
+    assert sorted(ids_of(read_epoch(server.endpoint))) == list(range(n))
 
 
 @pytest.mark.slow
@@ -155,7 +146,7 @@ def test_worker_rejoins_a_restarted_server_by_itself(start_server, start_worker,
     first.stop()
     second = start_server(*args, workers=0)
     wait_remote(second.endpoint, 1)
-    assert sorted(ids_of(copy_epoch(second.endpoint))) == list(range(n))
+    assert sorted(ids_of(read_epoch(second.endpoint))) == list(range(n))
 
 
 def test_plain_tcp_beyond_loopback_warns(start_server, id_dataset):
@@ -189,7 +180,7 @@ def test_curve_admits_listed_peers_and_refuses_strangers(start_server, start_wor
                  "--curve-server-key", str(public["server"]))
     trainer = ClientCurve.from_files(secret["trainer"], public["server"])
     wait_remote(server.endpoint, 1, curve=trainer)
-    assert sorted(ids_of(copy_epoch(server.endpoint, curve=trainer))) == list(range(n))
+    assert sorted(ids_of(read_epoch(server.endpoint, curve=trainer))) == list(range(n))
 
     started = time.monotonic()
     with pytest.raises(TimeoutError, match=server.endpoint):
@@ -213,7 +204,7 @@ def test_a_curve_server_runs_local_workers_too(start_server, tmp_path, id_datase
                           *WORKER_BIND, workers=2)
     trainer = ClientCurve.from_files(f"{public['trainer']}_secret", public["server"])
     wait_for(lambda: request_stats(server.endpoint, curve=trainer)["workers"]["ready"] == 2, 30, "two local workers")
-    assert sorted(ids_of(copy_epoch(server.endpoint, curve=trainer))) == list(range(n))
+    assert sorted(ids_of(read_epoch(server.endpoint, curve=trainer))) == list(range(n))
 
 
 def test_remote_only_server_stops_cleanly_and_leaves_no_ipc_folder(start_server, id_dataset):

@@ -15,16 +15,16 @@ import numpy as np
 import pytest
 
 from loader_client import BatchStream, request_stats
-from tests.helpers import run_bounded, serve_command, wait_for, write_id_dataset
-
-
-def read_epoch(url: str, epoch: int = 0, **kw) -> list[tuple[np.ndarray, ...]]:
-    with BatchStream(url, epoch=epoch, timeout=30, **kw) as stream:
-        return [tuple(a.copy() for a in batch) for batch in stream]
-
-
-def ids_of(batches) -> list[int]:
-    return np.concatenate([b[1] for b in batches]).astype(int).tolist()
+from tests.helpers import (
+    PAUSE_OP,
+    ids_of,
+    pid_alive,
+    read_epoch,
+    run_bounded,
+    serve_command,
+    wait_for,
+    write_id_dataset,
+)
 
 
 def test_combined_layout_serves_every_sample_exactly_once_per_epoch(start_server, id_dataset):
@@ -183,16 +183,11 @@ def test_killed_worker_loses_no_batch(start_server, tmp_path):
     wait_for(lambda: len(server.workers()) == 2, 20, "two live workers again")
 
 
-def test_custom_op_loaded_by_import_path(start_server, tmp_path, monkeypatch, id_dataset):
-    pkg = tmp_path / "userpkg"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "augs.py").write_text(
-        "def offset(x, y, rng, amount=1.0):\n    return x + amount + rng.random(), y\n")
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+def test_custom_op_loaded_by_import_path(start_server, augment_package, id_dataset):
+    module = augment_package("userpkg", "def offset(x, y, rng, amount=1.0):\n    return x + amount + rng.random(), y\n")
     folder, n = id_dataset
     server = start_server("--data", str(folder), "--label-column", "-1", "--batch-size", "50",
-                          "--augment", "userpkg.augs:offset:amount=1000")
+                          "--augment", f"{module}:offset:amount=1000")
     batches = read_epoch(server.endpoint)
     x = np.concatenate([b[0] for b in batches])
     y = np.concatenate([b[1] for b in batches])
@@ -261,8 +256,7 @@ def test_signal_stops_server_and_workers_within_seconds(start_server, id_dataset
     started = time.monotonic()
     assert server.stop(sig, timeout=10) == 0
     assert time.monotonic() - started < 10
-    assert not any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
-                   for pid in workers)
+    assert not any(pid_alive(pid) for pid in workers)
     assert "stopping" in server.log()
 
 
@@ -291,24 +285,19 @@ def test_stopped_local_worker_is_killed_replaced_and_its_batches_redone(start_se
         os.kill(stopped, signal.SIGSTOP)
         got.extend(tuple(a.copy() for a in b) for b in batches)
     assert sorted(ids_of(got)) == list(range(600))
-    wait_for(lambda: not os.path.exists(f"/proc/{stopped}") or open(f"/proc/{stopped}/stat").read().split()[2] == "Z",
-             20, "the stopped worker to be killed (its slots are reused)")
+    wait_for(lambda: not pid_alive(stopped), 20, "the stopped worker to be killed (its slots are reused)")
     stats = request_stats(server.endpoint)["workers"]
     assert stats["requeued_batches"] >= 1 and stats["respawns"] >= 1
 
 
 def test_wait_counts_an_epochs_tail_when_fewer_batches_than_loader_threads_remain(start_server, tmp_path,
-                                                                                    monkeypatch):
+                                                                                    augment_package):
     """Keras runs `workers` loader threads; at an epoch's end fewer have a batch left to fetch,
     and training is starved as soon as all of those are blocked."""
-    (tmp_path / "slowpkg").mkdir()
-    (tmp_path / "slowpkg" / "__init__.py").write_text("")
-    (tmp_path / "slowpkg" / "augs.py").write_text(
-        "import time\n\ndef pause(x, y, rng):\n    time.sleep(0.05)\n    return x, y\n")
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    module = augment_package("slowpkg", PAUSE_OP)
     write_id_dataset(tmp_path / "d", [16])
     server = start_server("--data", str(tmp_path / "d"), "--label-column", "-1", "--batch-size", "8",
-                          "--augment", "slowpkg.augs:pause", workers=1)
+                          "--augment", f"{module}:pause:seconds=0.05", workers=1)
     with BatchStream(server.endpoint, timeout=30) as stream:
         conn = stream._conn
         conn.callers = 4  # as RemoteSequence sets it for Keras's four loader threads

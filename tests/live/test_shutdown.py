@@ -6,39 +6,24 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from loader_client import BatchStream, request_stats
-from tests.helpers import free_port, wait_for, write_id_dataset
-
-SLOW_OP = "import time\n\ndef pause(x, y, rng, seconds=0.05):\n    time.sleep(seconds)\n    return x, y\n"
+from loader_client import BatchStream
+from tests.helpers import PAUSE_OP, batch_ids, free_port, tasks_in_progress, wait_for, write_id_dataset
 
 
 @pytest.fixture
-def slow_op(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def slow_op(augment_package: Callable[[str, str], str]) -> str:
     """An augment op that sleeps per sample, so batches are in progress when a signal comes."""
-    pkg = tmp_path / "slowpkg"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "augs.py").write_text(SLOW_OP)
-    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    return "slowpkg.augs:pause"
-
-
-def ids(batch) -> list[int]:
-    return batch[1].astype(int).tolist()
+    return f"{augment_package('slowpkg', PAUSE_OP)}:pause"
 
 
 def npyloader_segments(pid: int) -> list[str]:
     return [name for name in os.listdir("/dev/shm") if name.startswith(f"npyloader-{pid}-")]
-
-
-def in_progress(endpoint: str) -> int:
-    return sum(w["tasks"] for w in request_stats(endpoint)["workers"]["list"])
 
 
 @pytest.mark.slow
@@ -55,8 +40,8 @@ def test_sigterm_delivers_batches_in_progress_then_restarts_on_the_same_port_at_
     got: list[int] = []
     with BatchStream(first.endpoint, timeout=60, prefetch=8) as stream:
         batches = iter(stream)
-        got += ids(next(batches))
-        wait_for(lambda: in_progress(first.endpoint) >= 2, 20, "batches in progress on the workers")
+        got += batch_ids(next(batches))
+        wait_for(lambda: tasks_in_progress(first.endpoint) >= 2, 20, "batches in progress on the workers")
         received_before = stream.stats()["batches"]
         started = time.monotonic()
         assert first.stop(signal.SIGTERM, timeout=20) == 0
@@ -71,7 +56,7 @@ def test_sigterm_delivers_batches_in_progress_then_restarts_on_the_same_port_at_
         assert npyloader_segments(first.proc.pid) == [], "no shared memory left behind"
 
         start_server(*args, workers=2, env={"TMPDIR": str(private_tmp)})
-        got += [i for batch in batches for i in ids(batch)]
+        got += [i for batch in batches for i in batch_ids(batch)]
         assert stream.stats()["reconnects"] == 1
     assert sorted(got) == list(range(n)), "nothing lost, nothing repeated across the restart"
 
@@ -83,7 +68,7 @@ def batches_in_progress(start_server, folder: Path, slow_op: str, drain_timeout:
                           "--augment", f"{slow_op}:seconds=1", "--drain-timeout", drain_timeout, workers=1)
     with BatchStream(server.endpoint, timeout=60, prefetch=4) as stream:
         stream._conn.request(0, [0, 1, 2, 3])
-        wait_for(lambda: in_progress(server.endpoint) >= 1, 20, "a batch in progress")
+        wait_for(lambda: tasks_in_progress(server.endpoint) >= 1, 20, "a batch in progress")
         yield server
 
 
@@ -118,7 +103,7 @@ def test_a_killed_servers_ipc_folder_is_removed_by_the_next_start(start_server, 
     assert left[0] not in os.listdir(private_tmp)
     assert f"left behind by a server (pid {killed.proc.pid}) that was killed" in server.log()
     with BatchStream(server.endpoint, timeout=30) as stream:
-        assert sorted(i for batch in stream for i in ids(batch)) == list(range(n))
+        assert sorted(i for batch in stream for i in batch_ids(batch)) == list(range(n))
 
 
 def test_a_tmpdir_too_long_for_an_ipc_socket_falls_back_to_tmp(start_server, id_dataset, tmp_path):
@@ -128,4 +113,4 @@ def test_a_tmpdir_too_long_for_an_ipc_socket_falls_back_to_tmp(start_server, id_
     server = start_server("--data", str(folder), "--label-column", "-1", workers=1, env={"TMPDIR": str(deep)})
     assert f"TMPDIR {deep} is too long for an ipc socket path; using /tmp" in server.log()
     with BatchStream(server.endpoint, timeout=30) as stream:
-        assert sorted(i for batch in stream for i in ids(batch)) == list(range(n))
+        assert sorted(i for batch in stream for i in batch_ids(batch)) == list(range(n))

@@ -6,7 +6,6 @@ These run `npyloader serve` as a plain subprocess, since each must fail before i
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 import zmq
 
 from loader_client.stream import BatchStream
-from tests.helpers import run_bounded, serve_command, write_id_dataset
+from tests.helpers import free_port, run_bounded, serve_command, write_id_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,12 +41,6 @@ def assert_user_error(result: subprocess.CompletedProcess, *names: str) -> str:
     for name in names:
         assert name in lines[0], f"{name!r} not named in {lines[0]!r}"
     return lines[0]
-
-
-def unused_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -159,7 +152,7 @@ def test_config_with_unknown_key(tmp_path, good):
 
 
 def test_stats_of_a_server_that_is_not_there():
-    endpoint = f"tcp://127.0.0.1:{unused_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     started = time.monotonic()
     result = run("stats", endpoint, "--timeout", "1", timeout=30)
     elapsed = time.monotonic() - started
@@ -168,7 +161,7 @@ def test_stats_of_a_server_that_is_not_there():
 
 
 def test_batch_stream_to_a_server_that_is_not_there():
-    endpoint = f"tcp://127.0.0.1:{unused_port()}"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
     started = time.monotonic()
     with pytest.raises(TimeoutError) as info:
         BatchStream(endpoint, timeout=1.0)
