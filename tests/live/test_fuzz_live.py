@@ -564,43 +564,54 @@ def test_a_remote_peer_posing_as_a_local_worker_neither_corrupts_batches_nor_kil
     """A `ready` with `local: True, worker: 0` over tcp must be served as a remote worker. Taken
     at its word, it was given shared-memory slots, so its `done` made clients receive slots nobody
     wrote (or, with `rows` over the batch size, the next slot's bytes), and its silence made the
-    broker SIGKILL the real local worker 0. A client must only ever get right batches or errors,
-    and the worker must live."""
+    broker SIGKILL the real local worker 0. Served as a remote worker, its `done` without arrays
+    fails exactly the batches it was given, naming the mismatch; every other batch comes from the
+    real worker with the right content, and the real worker lives."""
     folder, n = id_dataset
     assert n == NUM_SAMPLES
-    server = start_server("--data", str(folder / "*.npy"), "--label-column", "-1", "--batch-size", str(BATCH),
+    server = start_server("--data", str(folder), "--label-column", "-1", "--batch-size", str(BATCH),
                           "--worker-bind", "tcp://127.0.0.1:0", "--heartbeat", str(HEARTBEAT_S), workers=1)
     [real_worker] = server.workers()
     wait_for(lambda: request_stats(server.endpoint)["workers"]["ready"] == 1, 30, "the local worker")
+    given: set[int] = set()  # batch indices the impostor was given
+    failed: dict[int, str] = {}
     wrong = []
     with dealer(server.worker_endpoint) as fake, connection(server.endpoint, REPLY_TIMEOUT_S) as conn:
         fake.send_multipart(protocol.encode("ready", {"pid": 1, "host": "impostor", "local": True, "worker": 0,
                                                       "capacity": 64}))
         wait_for(lambda: request_stats(server.endpoint)["workers"]["ready"] == 2, 10, "the impostor to register")
         conn.request(0, list(range(NUM_BATCHES)))
-        answered, last_task = 0, time.monotonic()
-        # answer every task the impostor is given (some with too many rows) until none has come
-        # for a second; heartbeats keep coming meanwhile, and are answered
-        while time.monotonic() - last_task < 1.0:
-            if not fake.poll(100):
-                continue
-            msg = protocol.decode(fake.recv_multipart(), allowed=TO_WORKER)
-            if msg.type == "task":
-                last_task = time.monotonic()
-                rows = BATCH + 4 if answered % 2 else BATCH
-                fake.send_multipart(protocol.encode("done", {"task": msg["task"], "rows": rows, "busy_s": 0.0}))
-                answered += 1
-            elif msg.type == "heartbeat":
-                fake.send_multipart(protocol.encode("heartbeat"))
+
+        def every_batch_settled() -> bool:
+            """Answer each task the impostor is given (some with too many rows) and each heartbeat,
+            until the server has sent or failed every batch the client asked for."""
+            while fake.poll(0):
+                msg = protocol.decode(fake.recv_multipart(), allowed=TO_WORKER)
+                if msg.type == "task":
+                    assert msg["epoch"] == 0, msg
+                    given.add(msg["index"])
+                    rows = BATCH + 4 if len(given) % 2 else BATCH
+                    fake.send_multipart(protocol.encode("done", {"task": msg["task"], "rows": rows, "busy_s": 0.0}))
+                elif msg.type == "heartbeat":
+                    fake.send_multipart(protocol.encode("heartbeat"))
+            stats = request_stats(server.endpoint)
+            clients = stats["clients"]
+            return bool(clients) and clients[0]["batches"] + stats["failed_batches"] == NUM_BATCHES
+
+        wait_for(every_batch_settled, 60, "every batch sent or failed", interval=0.05)
         for index in range(NUM_BATCHES):
             try:
                 x, y = conn.get(0, index)
-            except ServerError:
-                continue  # refusing the impostor's batch is fine; serving its bytes is not
+            except ServerError as e:
+                failed[index] = str(e)
+                continue
             try:
                 assert_batch_content(x, y, index)
             except AssertionError:
                 wrong.append(index)
+    assert given, "the impostor was given work, so its batches were put to the test"
+    assert set(failed) == given, f"failed {sorted(failed)}, but the impostor built {sorted(given)}"
+    assert all("a worker sent batch" in message for message in failed.values()), failed
     # the impostor is silent now: it is retired, and nothing else may be
     wait_for(lambda: request_stats(server.endpoint)["workers"]["ready"] == 1, RETIRE_TIMEOUT_S, "the impostor's retirement")
     respawns = request_stats(server.endpoint)["workers"]["respawns"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 
 import pytest
 import zmq
@@ -17,16 +18,21 @@ from tests.helpers import http_get, metrics_url, scrape, value, wait_for
 
 def test_server_metrics_move_as_batches_flow(start_server, id_dataset):
     folder, n = id_dataset
+    launched = time.monotonic()
     server = start_server("--data", str(folder), "--label-column", "-1", "--batch-size", "16",
                           "--metrics-port", "0", "--metrics-host", "127.0.0.1", workers=2)
+    seen_starting_for = time.monotonic() - launched
     url = metrics_url(server.log())
     assert url, server.log()
     before = wait_for(lambda: (s := scrape(url)).get("npyloader_workers") and
                       value(s, "npyloader_workers", kind="local") == 2 and s, 30, "both workers in the metrics")
     assert value(before, "npyloader_batches_served_total", dataset="train") == 0
     assert value(before, "npyloader_dataset_samples", dataset="train") == n
-    assert value(before, "npyloader_index_seconds", dataset="train") >= 0
-    assert value(before, "npyloader_startup_seconds") > 0
+    # Startup, in seconds, lies within the time this test saw the server starting, and indexing
+    # is part of startup: a unit slip (ms for s) or a clock started elsewhere breaks either.
+    startup = value(before, "npyloader_startup_seconds")
+    assert 0 < startup < seen_starting_for, (startup, seen_starting_for)
+    assert 0 <= value(before, "npyloader_index_seconds", dataset="train") <= startup
 
     with BatchStream(server.endpoint, timeout=30) as stream:
         batches = sum(1 for _ in stream)

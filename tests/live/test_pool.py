@@ -21,8 +21,19 @@ def test_backoff_counts_quick_deaths_and_forgets_them_after_a_healthy_life(monke
     HEALTHY_AFTER_S (0 here: every one) starts its slot's count afresh."""
     monkeypatch.setattr(pool, "HEALTHY_AFTER_S", healthy_after)
     p = LocalPool(lambda wid: wid, 1, target=exit_at_once)
+    reported: list[tuple[int, int | None]] = []
+
+    def three_respawns() -> bool:
+        reported.extend(p.reap())  # the broker's view: each death reported once, with its exit code
+        return p.respawns >= 3
+
     try:
-        wait_for(lambda: p.reap() is not None and p.respawns >= 3, 60, "three respawns")
+        wait_for(three_respawns, 60, "three respawns")
+        # every replacement follows a death reap() reported (else the broker would never redo the
+        # dead worker's batches); each worker died once, cleanly, and its successor has a new id
+        ids = [wid for wid, _ in reported]
+        assert len(reported) >= p.respawns, (reported, p.respawns)
+        assert ids == sorted(set(ids)) and all(code == 0 for _, code in reported), reported
         assert max(c.deaths for c in p._children.values()) == deaths_counted
     finally:
         p.stop(deadline_s=1.0)

@@ -207,10 +207,16 @@ def test_a_curve_server_runs_local_workers_too(start_server, tmp_path, id_datase
     assert sorted(ids_of(read_epoch(server.endpoint, curve=trainer))) == list(range(n))
 
 
-def test_remote_only_server_stops_cleanly_and_leaves_no_ipc_folder(start_server, id_dataset):
+def test_remote_only_server_stops_cleanly_and_leaves_no_ipc_folder(start_server, id_dataset, tmp_path):
+    """The server makes its ipc folder in its TMPDIR (tempfile.gettempdir(), not always /tmp);
+    a private one shows the folder while it runs and that it is gone after, whatever other
+    servers on the machine do in /tmp meanwhile."""
     folder, _ = id_dataset
-    before = set(Path("/tmp").glob("npyloader-*"))
-    server = start_server("--data", str(folder), "--label-column", "-1", *WORKER_BIND, workers=0)
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    server = start_server("--data", str(folder), "--label-column", "-1", *WORKER_BIND, workers=0,
+                          env={"TMPDIR": str(private_tmp)})
+    assert [p.name.startswith("npyloader-") for p in private_tmp.iterdir()] == [True], "its ipc folder is here"
     assert server.stop() == 0
     assert "Traceback" not in server.log()
-    assert set(Path("/tmp").glob("npyloader-*")) <= before
+    assert list(private_tmp.iterdir()) == [], "no ipc folder left behind"

@@ -17,6 +17,7 @@ import pytest
 from loader_client import BatchStream, request_stats
 from tests.helpers import (
     PAUSE_OP,
+    batch_ids,
     ids_of,
     pid_alive,
     read_epoch,
@@ -211,19 +212,37 @@ def test_several_clients_share_the_pool_at_once(start_server, tmp_path):
         '[datasets.val]\ndata = ["val"]\nlabel-column = -1\nbatch_size = 8\nno-shuffle = true\n')
     server = start_server("--config", str(tmp_path / "loader.toml"))
     results: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+    # every client has said hello before any reads, so the server holds all three sessions at once
+    connected, go = threading.Barrier(4), threading.Event()
 
     def consume(name: str, dataset: str, shard=None) -> None:
-        results[name] = ids_of(read_epoch(server.endpoint, dataset=dataset, shard=shard))
+        try:
+            with BatchStream(server.endpoint, dataset=dataset, shard=shard, timeout=60) as stream:
+                connected.wait(60)
+                assert go.wait(60), "the test never let the clients read"
+                results[name] = [i for batch in stream for i in batch_ids(batch)]
+        except BaseException as e:  # noqa: BLE001 - reported by the test below
+            errors.append(e)
+            connected.abort()
 
     threads = [threading.Thread(target=consume, args=args) for args in
                (("train-a", "train", (0, 2)), ("train-b", "train", (1, 2)), ("val", "val"))]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(60)
+    try:
+        connected.wait(60)
+        sessions = sorted(c["dataset"] for c in request_stats(server.endpoint)["clients"])
+    except threading.BrokenBarrierError:
+        sessions = []
+    finally:
+        go.set()
+        for t in threads:
+            t.join(60)
+    assert not errors, errors
+    assert sessions == ["train", "train", "val"], "the server holds the three clients' sessions at once"
     assert sorted(results["train-a"] + results["train-b"]) == list(range(200))
     assert results["val"] == list(range(40)), "no-shuffle keeps file order"
-    assert {c["dataset"] for c in request_stats(server.endpoint)["clients"]} <= {"train", "val"}
 
 
 def test_stats_command_reports_datasets_workers_and_clients(start_server, id_dataset):

@@ -189,12 +189,27 @@ def test_json_watch_writes_one_parseable_object_per_refresh_with_rates(streaming
     assert watch.interrupt() == 0
     objects = [json.loads(line) for line in watch.output.splitlines()]
     assert len(objects) >= 3 and objects[0]["interval_s"] is None
-    latest = objects[-1]
+    # the latest object with rates, and the reply before it, which they must be measured against
+    at = max(i for i, o in enumerate(objects) if o.get("interval_s") is not None)
+    previous, latest = objects[at - 1], objects[at]
     assert latest["endpoint"] == endpoint and 0 < latest["interval_s"] < 5
+    assert latest["interval_s"] == pytest.approx(latest["uptime_s"] - previous["uptime_s"])
     assert latest["datasets"]["train"]["samples"] == 203
-    client = next(c for c in latest["clients"] if c["id"] == client_id)
-    assert 0 <= client["recent_wait_fraction"] <= 1 and 0 <= client["wait_fraction"] <= 1
-    assert all(0 <= w["recent_busy_pct"] <= 100 for w in latest["workers"]["list"])
+    # The fractions are clamped to 0..1, so a range check could not fail; recompute them from
+    # the raw totals of the two lines instead. The client cannot have waited longer than it has
+    # been connected (its waits come after its hello); the recent figures cover the last
+    # interval, not the time since the server started.
+    client, old = (next(c for c in o["clients"] if c["id"] == client_id) for o in (latest, previous))
+    assert 0 <= client["wait_s"] <= client["connected_s"] + 0.002, client
+    assert client["wait_fraction"] == pytest.approx(client["wait_s"] / client["connected_s"], abs=1e-9)
+    span = client["connected_s"] - old["connected_s"]
+    waited = min(1.0, max(0.0, (client["wait_s"] - old["wait_s"]) / span))
+    assert client["recent_wait_fraction"] == pytest.approx(waited, abs=1e-9), (client, old)
+    assert client["recent_bytes_per_s"] == pytest.approx((client["bytes"] - old["bytes"]) / span)
+    old_workers = {w["id"]: w for w in previous["workers"]["list"]}
+    for w in latest["workers"]["list"]:
+        busy = 100 * (w["busy_s"] - old_workers[w["id"]]["busy_s"]) / latest["interval_s"]
+        assert w["recent_busy_pct"] == pytest.approx(min(100.0, busy), abs=1e-9), (w, old_workers[w["id"]])
 
 
 def test_watch_reports_a_silent_endpoint_keeps_retrying_and_shows_the_server_once_it_is_up(
