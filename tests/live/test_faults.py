@@ -78,6 +78,8 @@ def test_a_file_truncated_while_serving_fails_only_its_batches_naming_it(start_s
         with pytest.raises(ServerError, match="part-001.npy"):
             conn.get(0, 1)
         assert batch_ids(conn.get(0, 2)) == list(range(32, 48)), "other batches keep flowing"
+    stats = request_stats(server.endpoint)
+    assert stats["failed_batches"] == 1 and stats["workers"]["requeued_batches"] == 0, stats
 
 
 def test_on_bad_file_skip_serves_the_rest_of_every_batch(start_server, tmp_path):
@@ -90,6 +92,7 @@ def test_on_bad_file_skip_serves_the_rest_of_every_batch(start_server, tmp_path)
     with BatchStream(server.endpoint, timeout=30) as stream:
         got = sorted(v for batch in stream for v in batch_ids(batch))
     assert got == list(range(40)) + list(range(80, 120)), "every readable sample exactly once"
+    assert request_stats(server.endpoint)["failed_batches"] == 0, "skipping fails no batch"
     wait_for(lambda: "skipping unreadable samples of" in server.log() and "part-001.npy" in server.log(), 10,
              "the skipped file to be named in the log")
 
@@ -123,7 +126,10 @@ def test_a_batch_that_kills_every_worker_is_failed_naming_its_files_after_three_
             else:
                 got += batch_ids(conn.get(0, index))
     assert sorted(got) == sorted(set(range(n)) - set(range(16, 24))), "every other batch exactly once"
-    wait_for(lambda: request_stats(server.endpoint)["workers"]["respawns"] >= 3, 30, "three crashed workers replaced")
+    stats = wait_for(lambda: (s := request_stats(server.endpoint))["workers"]["respawns"] >= 3 and s, 30,
+                     "three crashed workers replaced")
+    # redone after the first two crashes (with whatever else those workers held), failed at the third
+    assert stats["workers"]["requeued_batches"] >= 2 and stats["failed_batches"] == 1, stats
     wait_for(lambda: len(server.workers()) == 2, 30, "two live workers again")
 
 
@@ -160,6 +166,8 @@ def test_a_file_removed_or_made_unreadable_while_serving_fails_only_its_batches(
         with pytest.raises(ServerError, match=r"part-001\.npy row \d+\): cannot read"):
             conn.get(0, 1)
         assert batch_ids(conn.get(0, 2)) == list(range(32, 48)), "other batches keep flowing"
+    stats = request_stats(server.endpoint)
+    assert stats["failed_batches"] == 1 and stats["workers"]["requeued_batches"] == 0, stats
 
 
 @pytest.mark.slow
@@ -185,6 +193,7 @@ def test_all_workers_dying_at_once_mid_epoch_times_out_clearly_then_resumes_exac
         for index in range(5, batches):
             got += batch_ids(conn.get(0, index))
     assert sorted(got) == list(range(n)), "nothing lost, nothing repeated"
+    assert request_stats(server.endpoint)["failed_batches"] == 0, "the batches waited for workers; none failed"
 
 
 def test_vanished_clients_are_forgotten_and_leak_no_memory(start_server, id_dataset):

@@ -12,8 +12,8 @@ import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from loader_client import BatchStream, protocol, request_stats
-from tests.helpers import http_get, metrics_url, scrape, value, wait_for
+from loader_client import BatchStream, ServerError, protocol, request_stats
+from tests.helpers import PAUSE_OP, batch_ids, http_get, metrics_url, scrape, value, wait_for, write_id_dataset
 
 
 def test_server_metrics_move_as_batches_flow(start_server, id_dataset):
@@ -53,9 +53,14 @@ def test_server_metrics_move_as_batches_flow(start_server, id_dataset):
     assert value(after, "npyloader_credits_outstanding", dataset="train") == 0
 
 
-def test_rejected_messages_respawns_and_requeues_are_counted(start_server, id_dataset):
-    folder, _ = id_dataset
-    server = start_server("--data", str(folder), "--label-column", "-1", "--metrics-port", "0",
+def test_rejected_messages_respawns_requeued_and_failed_batches_are_counted(start_server, tmp_path, augment_package):
+    """Every fault counter, each fault caused for real: two malformed messages; a batch whose
+    file was cut short after indexing, which fails; and the worker SIGKILLed while it builds
+    another batch, which is respawned and redoes that batch."""
+    module = augment_package("slowpkg", PAUSE_OP)
+    write_id_dataset(tmp_path / "d", [16, 16, 16])
+    server = start_server("--data", str(tmp_path / "d"), "--label-column", "-1", "--batch-size", "16", "--no-shuffle",
+                          "--augment", f"{module}:pause:seconds=0.1", "--metrics-port", "0",
                           "--metrics-host", "127.0.0.1", workers=1)
     url = metrics_url(server.log())
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -67,11 +72,22 @@ def test_rejected_messages_respawns_and_requeues_are_counted(start_server, id_da
         assert sock.poll(10_000)
     finally:
         sock.close(0)
-    worker = wait_for(lambda: request_stats(server.endpoint)["workers"]["list"], 30, "the worker ready")[0]["pid"]
-    os.kill(worker, signal.SIGKILL)
+    with open(tmp_path / "d" / "part-001.npy", "r+b") as f:
+        f.truncate(200)
+    with BatchStream(server.endpoint, timeout=60) as stream:
+        conn = stream._conn
+        with pytest.raises(ServerError, match="part-001.npy"):
+            conn.get(0, 1)
+        conn.request(0, [2])  # 16 samples of 0.1 s: time enough to kill the worker mid-batch
+        busy = wait_for(lambda: [w for w in request_stats(server.endpoint)["workers"]["list"] if w["tasks"]], 30,
+                        "the worker building batch 2")
+        os.kill(busy[0]["pid"], signal.SIGKILL)
+        assert batch_ids(conn.get(0, 2)) == list(range(32, 48)), "the requeued batch, built by the new worker"
     final = wait_for(lambda: (s := scrape(url)) and value(s, "npyloader_worker_respawns_total") >= 1
+                     and value(s, "npyloader_requeued_batches_total") >= 1
                      and sum(s.get("npyloader_rejected_messages_total", {}).values()) >= 2 and s, 30,
-                     "the rejections and the respawn counted")
+                     "the rejections, the respawn and the requeued batch counted")
+    assert value(final, "npyloader_failed_batches_total") == 1
     assert set(dict(k)["reason"] for k in final["npyloader_rejected_messages_total"]) <= {
         "msgpack", "frames", "version", "unknown_message_type", "lacks_field", "invalid", "extension", "limit",
         "other", "validator_error"}

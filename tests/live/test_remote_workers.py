@@ -84,7 +84,8 @@ def test_killed_remote_worker_loses_no_batch(start_server, start_worker, tmp_pat
         os.kill(busy[0]["pid"], signal.SIGKILL)
         got.extend(tuple(a.copy() for a in b) for b in batches)
     assert len(got) == 60 and sorted(ids_of(got)) == list(range(480))
-    assert request_stats(server.endpoint)["workers"]["requeued_batches"] >= 1
+    stats = request_stats(server.endpoint)
+    assert stats["workers"]["requeued_batches"] >= 1 and stats["failed_batches"] == 0, stats
     wait_for(lambda: len(worker.pids()) == 2, 20, "the worker command to replace its killed process")
 
 
@@ -105,7 +106,8 @@ def test_stopped_worker_is_replaced_then_rejoins_when_continued(start_server, st
         finally:
             os.kill(stopped, signal.SIGCONT)
     assert sorted(ids_of(got)) == list(range(480)), "exactly once despite the stopped worker"
-    assert request_stats(server.endpoint)["workers"]["requeued_batches"] >= 1
+    stats = request_stats(server.endpoint)
+    assert stats["workers"]["requeued_batches"] >= 1 and stats["failed_batches"] == 0, stats
     wait_for(lambda: stopped in [w["pid"] for w in remote_workers(server.endpoint)], 30,
              "the continued worker to rejoin by itself")
 

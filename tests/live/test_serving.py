@@ -176,7 +176,7 @@ def test_killed_worker_loses_no_batch(start_server, tmp_path):
         got.extend(tuple(a.copy() for a in b) for b in batches)
     stats = wait_for(lambda: (s := request_stats(server.endpoint))["workers"]["respawns"] >= 1 and s, 20,
                      "the killed worker to be respawned")
-    assert stats["workers"]["requeued_batches"] >= 1
+    assert stats["workers"]["requeued_batches"] >= 1 and stats["failed_batches"] == 0, stats
     assert len(got) == len(expected) == 75
     assert sorted(ids_of(got)) == list(range(600))
     for mine, ref in zip(got, expected):
@@ -305,8 +305,9 @@ def test_stopped_local_worker_is_killed_replaced_and_its_batches_redone(start_se
         got.extend(tuple(a.copy() for a in b) for b in batches)
     assert sorted(ids_of(got)) == list(range(600))
     wait_for(lambda: not pid_alive(stopped), 20, "the stopped worker to be killed (its slots are reused)")
-    stats = request_stats(server.endpoint)["workers"]
-    assert stats["requeued_batches"] >= 1 and stats["respawns"] >= 1
+    stats = request_stats(server.endpoint)
+    assert stats["workers"]["requeued_batches"] >= 1 and stats["workers"]["respawns"] >= 1, stats
+    assert stats["failed_batches"] == 0, stats
 
 
 def test_wait_counts_an_epochs_tail_when_fewer_batches_than_loader_threads_remain(start_server, tmp_path,
