@@ -6,7 +6,9 @@ real `npyloader serve`, on both of its endpoints (clients, and workers joining o
 to a real client from a fake server. The properties:
 
 - the server answers every malformed client message with a well-formed `error` and nothing
-  else, answers nothing a worker would not expect, never reaches pickle, never counts a
+  else (which messages are malformed, the test knows from how it generated them and its own
+  reading of the contract, never from the decoder under test), answers nothing a worker would
+  not expect, never reaches pickle, never counts a
   `validator_error` (an exception other than ProtocolError: a validator bug), retires a fake
   worker that went silent, and after every case still serves a normal client correct batches;
   its memory stays flat under sustained hostile traffic and its one worker is never replaced;
@@ -19,10 +21,11 @@ heartbeat is short so that a fake worker that registered and went silent is reti
 
 from __future__ import annotations
 
+import math
 import pickle
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,25 +188,148 @@ def receive(sock: zmq.Socket, server: ServerProcess, allowed: frozenset[str],
         raise AssertionError(f"the server sent a message that breaks the contract ({e}): {frames[0][:200]!r}") from e
 
 
-def decodes_as(frames: Frames, allowed: frozenset[str]) -> str | None:
-    """The type this message has for the server (which runs the same decoder), or None if it
-    is malformed there."""
-    try:
-        return protocol.decode(frames, allowed=allowed).type
-    except protocol.ProtocolError:
+# ---------------------------------------------------------------------------------------------
+# What the server must make of each generated message. The expectation comes from how the
+# message was generated and the test's own reading of the wire contract below, never from
+# protocol.decode: the server runs that same decoder, so asking it would make the code under
+# test its own oracle (a message it wrongly accepted would be expected to be accepted).
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A generated message: its frames, and the header object the generator packed into the
+    first one, or None for bytes built to be malformed whatever any schema says (not a msgpack
+    map, an extension type, a pickle, a stray frame)."""
+
+    frames: Frames
+    header: Any = None
+
+
+# Field kinds of every type the server's two endpoints accept, written out from the design's
+# wire contract rather than imported from protocol.SCHEMAS. A trailing "?" marks an optional
+# field; fields not listed are ignored (a newer peer may add some).
+CONTRACT: dict[str, dict[str, str]] = {
+    "hello": {"dataset": "name", "shard?": "shard"},
+    "request": {"epoch": "nonneg", "batches": "indices", "wait_s?": "seconds"},
+    "cancel": {"keep_epoch": "nonneg"},
+    "ping": {}, "stats": {}, "bye": {},
+    "join": {"pid": "nonneg", "host": "text"},
+    "ready": {"worker?": "nonneg", "pid": "nonneg", "host": "text", "capacity?": "nonneg", "local?": "bool"},
+    "refused": {"message": "text"},
+    "heartbeat": {},
+    "done": {"task": "nonneg", "rows": "nonneg", "busy_s": "seconds", "read_s?": "seconds", "augment_s?": "seconds"},
+    "failed": {"task": "nonneg", "message": "text"},
+}
+assert CONTRACT.keys() == CLIENT_MESSAGES | WORKER_MESSAGES
+# "Only plain numeric and bool dtypes cross the wire", as numpy spells them (`dtype.str`).
+PLAIN_DTYPES = frozenset(np.dtype(t).str for t in (
+    "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "float16", "float32", "float64", "complex64", "complex128"))
+
+
+def _nonneg(v: Any) -> bool:
+    return type(v) is int and 0 <= v < 1 << 62
+
+
+KINDS: dict[str, Callable[[Any], bool]] = {
+    "name": lambda v: isinstance(v, str) and 0 < len(v) <= protocol.MAX_NAME,
+    "text": lambda v: isinstance(v, str) and len(v) <= protocol.MAX_TEXT,
+    "nonneg": _nonneg,
+    "seconds": lambda v: type(v) in (int, float) and 0 <= v < math.inf,
+    "bool": lambda v: type(v) is bool,
+    "shard": lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == 2 and all(map(_nonneg, v))
+                                     and v[0] < v[1]),
+    "indices": lambda v: isinstance(v, (list, tuple)) and 0 < len(v) <= protocol.MAX_CREDIT
+    and all(map(_nonneg, v)),
+}
+
+
+def _msgpack_max_depth() -> int:
+    """How deep msgpack itself nests containers before refusing a message (the library's
+    limit, not the server's): found by asking it, once."""
+    low, high = 1, 1 << 14
+    while low < high:
+        mid = (low + high + 1) // 2
+        try:
+            msgpack.unpackb(b"\x91" * mid + b"\x00")
+            low = mid
+        except Exception:  # noqa: BLE001 - msgpack's StackError, whatever the version names it
+            high = mid - 1
+    return low
+
+
+MSGPACK_MAX_DEPTH = _msgpack_max_depth()
+
+
+def nesting(obj: Any) -> int:
+    """How many containers deep `obj` goes (a flat map is 1), counted without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = list(item.values())
+        elif isinstance(item, (list, tuple)):
+            children = list(item)
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def arrays_conform(specs: Any, frames: Frames) -> bool:
+    """`arrays` lists [name, dtype, shape] per following frame: a name, a plain dtype, at most
+    MAX_NDIM non-negative dimensions, at most MAX_ARRAY_BYTES (zero dimensions counted as 1),
+    and a frame of exactly the declared length."""
+    if not isinstance(specs, (list, tuple)) or len(specs) > protocol.MAX_ARRAYS or len(specs) != len(frames):
+        return False
+    for spec, frame in zip(specs, frames):
+        if not (isinstance(spec, (list, tuple)) and len(spec) == 3):
+            return False
+        name, dtype, shape = spec
+        if not (KINDS["name"](name) and isinstance(dtype, str) and dtype in PLAIN_DTYPES
+                and isinstance(shape, (list, tuple)) and len(shape) <= protocol.MAX_NDIM and all(map(_nonneg, shape))):
+            return False
+        extent = np.dtype(dtype).itemsize
+        for d in shape:
+            extent *= max(d, 1)
+        if extent > protocol.MAX_ARRAY_BYTES or len(frame) != (0 if 0 in shape else extent):
+            return False
+    return True
+
+
+def contract_type(sent: Sent, accepted: frozenset[str]) -> str | None:
+    """The type an endpoint accepting `accepted` must take `sent` for, or None when it must
+    answer `bad_message`: a header map within the size limit and msgpack's nesting, version 1,
+    an accepted type, its fields of the right kinds, and its arrays as declared."""
+    header, frames = sent.header, sent.frames
+    if not isinstance(header, dict) or len(frames[0]) > protocol.MAX_HEADER_BYTES:
         return None
+    if nesting(header) > MSGPACK_MAX_DEPTH:
+        return None
+    version, mtype = header.get("v"), header.get("type")
+    if type(version) is not int or version != protocol.VERSION or not isinstance(mtype, str) or mtype not in accepted:
+        return None
+    for key, kind in CONTRACT[mtype].items():
+        name = key.rstrip("?")
+        if name in header:
+            if not KINDS[kind](header[name]):
+                return None
+        elif not key.endswith("?"):
+            return None
+    return mtype if arrays_conform(header.get("arrays", []), frames[1:]) else None
 
 
-def send_case_to_clients_endpoint(live: Live, case: list[Frames]) -> None:
+def send_case_to_clients_endpoint(live: Live, case: list[Sent]) -> None:
     """Send a case on a fresh DEALER, then `stats` as a probe: the probe's reply proves the server
     handled every message before it. Each malformed message must get exactly one `bad_message`
     error, and every reply must follow the contract."""
-    kinds = [decodes_as(frames, CLIENT_MESSAGES) for frames in case]
+    kinds = [contract_type(sent, CLIENT_MESSAGES) for sent in case]
     malformed = kinds.count(None)
     live.sent += len(case)
     with dealer(live.server.endpoint) as sock:
-        for frames in case:
-            sock.send_multipart(frames)
+        for sent in case:
+            sock.send_multipart(sent.frames)
         sock.send_multipart(protocol.encode("stats"))
         stats_replies = bad = 0
         while stats_replies < kinds.count("stats") + 1:
@@ -217,18 +343,19 @@ def send_case_to_clients_endpoint(live: Live, case: list[Frames]) -> None:
         assert bad == malformed, f"{malformed} malformed message(s) got {bad} bad_message error(s): {kinds}"
 
 
-def send_case_to_workers_endpoint(live: Live, case: list[Frames]) -> None:
+def send_case_to_workers_endpoint(live: Live, case: list[Sent]) -> None:
     with dealer(live.server.worker_endpoint) as sock:
         send_as_worker(sock, live, case)
 
 
-def send_as_worker(sock: zmq.Socket, live: Live, case: list[Frames]) -> None:
+def send_as_worker(sock: zmq.Socket, live: Live, case: list[Sent]) -> None:
     """Send a case as a would-be worker, then `join` as a probe: its `setup` proves the server
-    handled every message before it. Whatever comes back is something a worker expects."""
-    joins = sum(decodes_as(frames, WORKER_MESSAGES) == "join" for frames in case)
+    handled every message before it, and every well-formed `join` gets a `setup` too. Whatever
+    comes back is something a worker expects."""
+    joins = sum(contract_type(sent, WORKER_MESSAGES) == "join" for sent in case)
     live.sent += len(case)
-    for frames in case:
-        sock.send_multipart(frames)
+    for sent in case:
+        sock.send_multipart(sent.frames)
     sock.send_multipart(protocol.encode("join", {"pid": 1, "host": "fuzz"}))
     setups = 0
     while setups < joins + 1:
@@ -246,11 +373,25 @@ def send_oversized(endpoint: str, server: ServerProcess, frames: Frames) -> None
 
 
 # ---------------------------------------------------------------------------------------------
-# Strategies: hostile messages, as lists of frames
+# Strategies: hostile messages, each a Sent (frames and the header they were packed from)
 
 
 def packb(header: Any) -> bytes:
     return msgpack.packb(header, use_bin_type=True)
+
+
+def packed(header: dict, *frames: bytes) -> Sent:
+    """A message whose header this test built as an object (and packed itself)."""
+    return Sent([packb(header), *frames], header)
+
+
+def message(mtype: str, fields: dict, arrays: Sequence[tuple[str, np.ndarray]] = ()) -> Sent:
+    """A message of `mtype` with `fields` and `arrays` (each its own frame, as the contract
+    says), packed by the test itself rather than by protocol.encode."""
+    header = {"v": protocol.VERSION, "type": mtype, **fields}
+    if arrays:
+        header["arrays"] = [[name, a.dtype.str, list(a.shape)] for name, a in arrays]
+    return packed(header, *(a.tobytes() for _, a in arrays))
 
 
 def wire(frames: list) -> Frames:
@@ -300,8 +441,8 @@ def valid_message(schemas: dict[str, st.SearchStrategy]) -> st.SearchStrategy[tu
     return st.sampled_from(sorted(schemas)).flatmap(lambda t: st.tuples(st.just(t), schemas[t]))
 
 
-def encoded(schemas: dict[str, st.SearchStrategy]) -> st.SearchStrategy[Frames]:
-    return valid_message(schemas).map(lambda tf: wire(protocol.encode(tf[0], tf[1])))
+def encoded(schemas: dict[str, st.SearchStrategy]) -> st.SearchStrategy[Sent]:
+    return valid_message(schemas).map(lambda tf: message(tf[0], tf[1]))
 
 
 small_arrays = st.tuples(
@@ -311,19 +452,19 @@ small_arrays = st.tuples(
 ).map(lambda dsn: (dsn[2], np.zeros(dsn[1], dtype=dsn[0])))
 
 
-def with_valid_arrays(schemas: dict[str, st.SearchStrategy]) -> st.SearchStrategy[Frames]:
+def with_valid_arrays(schemas: dict[str, st.SearchStrategy]) -> st.SearchStrategy[Sent]:
     """Well-formed messages carrying well-formed arrays (e.g. a `done` with a made-up batch)."""
     return st.tuples(valid_message(schemas), st.lists(small_arrays, min_size=1, max_size=3)).map(
-        lambda m: wire(protocol.encode(m[0][0], m[0][1], m[1])))
+        lambda m: message(m[0][0], m[0][1], m[1]))
 
 
-def wrong_types(types: list[str]) -> st.SearchStrategy[Frames]:
+def wrong_types(types: list[str]) -> st.SearchStrategy[Sent]:
     """The right `v` and `type`, and that type's fields (from protocol.SCHEMAS) holding
     arbitrary values, each one present or not."""
-    def build(mtype: str) -> st.SearchStrategy[Frames]:
+    def build(mtype: str) -> st.SearchStrategy[Sent]:
         fields = sorted(k.rstrip("?") for k in protocol.SCHEMAS[mtype])
         return st.fixed_dictionaries({}, optional={k: values | huge_text for k in fields}).map(
-            lambda f: [packb({"v": protocol.VERSION, "type": mtype, **f})])
+            lambda f: packed({"v": protocol.VERSION, "type": mtype, **f}))
     return st.sampled_from(types).flatmap(build)
 
 
@@ -350,7 +491,7 @@ def declared_nbytes(spec: Any) -> int | None:
 
 
 @st.composite
-def with_hostile_arrays(draw: st.DrawFn, schemas: dict[str, st.SearchStrategy]) -> Frames:
+def with_hostile_arrays(draw: st.DrawFn, schemas: dict[str, st.SearchStrategy]) -> Sent:
     """A well-formed header whose `arrays` lists huge, zero-size or absurd shapes and dtypes,
     followed by frames of the declared length, a random one, or the wrong number of frames."""
     mtype, fields = draw(valid_message(schemas))
@@ -361,23 +502,22 @@ def with_hostile_arrays(draw: st.DrawFn, schemas: dict[str, st.SearchStrategy]) 
         frames.append(bytes(exact) if exact is not None and draw(st.booleans()) else draw(st.binary(max_size=40)))
     drop = draw(st.integers(0, 1)) if frames else 0
     frames = frames[drop:] + draw(st.lists(st.binary(max_size=8), max_size=1))
-    return [packb({"v": protocol.VERSION, "type": mtype, **fields, "arrays": specs}), *frames]
+    return packed({"v": protocol.VERSION, "type": mtype, **fields, "arrays": specs}, *frames)
 
 
-def unknown_types(accepted: frozenset[str]) -> st.SearchStrategy[Frames]:
+def unknown_types(accepted: frozenset[str]) -> st.SearchStrategy[Sent]:
     """Types this endpoint does not accept: other endpoints' types, made-up ones, non-strings."""
     others = sorted(set(protocol.SCHEMAS) - accepted)
     return (st.sampled_from(others) | st.text(max_size=12).filter(lambda t: t not in protocol.SCHEMAS)
             | values.filter(lambda t: not isinstance(t, str)) | huge_text).map(
-        lambda t: [packb({"v": protocol.VERSION, "type": t})])
+        lambda t: packed({"v": protocol.VERSION, "type": t}))
 
 
-def bad_versions(schemas: dict[str, st.SearchStrategy]) -> st.SearchStrategy[Frames]:
+def bad_versions(schemas: dict[str, st.SearchStrategy]) -> st.SearchStrategy[Sent]:
     """Otherwise well-formed messages whose version is wrong or absent."""
-    def build(m: tuple[tuple[str, dict], Any, bool]) -> Frames:
+    def build(m: tuple[tuple[str, dict], Any, bool]) -> Sent:
         (mtype, fields), version, absent = m
-        header = {"type": mtype, **fields} if absent else {"v": version, "type": mtype, **fields}
-        return [packb(header)]
+        return packed({"type": mtype, **fields} if absent else {"v": version, "type": mtype, **fields})
     return st.tuples(valid_message(schemas), not_version, st.booleans()).map(build)
 
 
@@ -391,58 +531,81 @@ exts = (st.builds(raw_ext, st.integers(-128, 127), st.binary(max_size=12))
         | st.builds(msgpack.Timestamp, st.integers(0, 1 << 32), st.integers(0, 10**9 - 1)).map(packb))
 
 
-def ext_types(schemas: dict[str, st.SearchStrategy]) -> st.SearchStrategy[Frames]:
-    """msgpack extension types (timestamps included) as the header, a field or nested deep."""
-    def build(m: tuple[tuple[str, dict], bytes, int]) -> Frames:
+def ext_types(schemas: dict[str, st.SearchStrategy]) -> st.SearchStrategy[Sent]:
+    """msgpack extension types (timestamps included) as the header, a field or nested deep:
+    malformed by construction, since the contract refuses every extension type."""
+    def build(m: tuple[tuple[str, dict], bytes, int]) -> Sent:
         (mtype, fields), ext, where = m
         if where == 0:
-            return [ext]
+            return Sent([ext])
         nested = ext if where == 1 else b"\x81" + packb("a") + b"\x92" + packb(1) + b"\x81" + packb("b") + ext
         header = packb({"v": protocol.VERSION, "type": mtype, **fields})
         # one more entry in the header's map (fields stay under 15, so it is a fixmap)
-        return [bytes([header[0] + 1]) + header[1:] + packb("extra") + nested]
+        return Sent([bytes([header[0] + 1]) + header[1:] + packb("extra") + nested])
     return st.tuples(valid_message(schemas), exts, st.integers(0, 2)).map(build)
 
 
-def deep_nesting(types: list[str]) -> st.SearchStrategy[Frames]:
-    """A field holding a list in a list in a list ..., near and past msgpack's depth limit."""
-    def build(m: tuple[str, int, bool]) -> Frames:
+def nested_list(depth: int) -> list:
+    """[[...[0]...]], `depth` lists deep, built without recursion."""
+    inner: Any = 0
+    for _ in range(depth):
+        inner = [inner]
+    return inner
+
+
+def deep_nesting(types: list[str]) -> st.SearchStrategy[Sent]:
+    """A field holding a list in a list in a list ..., near and past msgpack's depth limit. The
+    bytes are written by hand (msgpack's packer refuses such depths); the header object beside
+    them says what they encode."""
+    def build(m: tuple[str, int, bool]) -> Sent:
         mtype, depth, as_type = m
         deep = b"\x91" * depth + b"\x00"
         if as_type:  # {"v": 1, "type": [[[...]]]}
-            return [b"\x82" + packb("v") + packb(protocol.VERSION) + packb("type") + deep]
-        return [b"\x83" + packb("v") + packb(protocol.VERSION) + packb("type") + packb(mtype) + packb("epoch") + deep]
+            return Sent([b"\x82" + packb("v") + packb(protocol.VERSION) + packb("type") + deep])
+        return Sent([b"\x83" + packb("v") + packb(protocol.VERSION) + packb("type") + packb(mtype) + packb("epoch") + deep],
+                    {"v": protocol.VERSION, "type": mtype, "epoch": nested_list(depth)})
     return st.tuples(st.sampled_from(types), st.integers(1, 1100) | st.integers(900, 1030), st.booleans()).map(build)
 
 
-def random_frames(max_frames: int = 6) -> st.SearchStrategy[Frames]:
-    return st.lists(st.binary(max_size=300), min_size=1, max_size=max_frames)
+# msgpack's map markers: fixmap, map 16, map 32
+MAP_MARKERS = frozenset(range(0x80, 0x90)) | {0xDE, 0xDF}
 
 
-def pickles(marker: Path, schemas: dict[str, st.SearchStrategy]) -> st.SearchStrategy[Frames]:
+def random_frames(max_frames: int = 6) -> st.SearchStrategy[Sent]:
+    """Random bytes whose first frame does not start a msgpack map, so the header can never be
+    one: malformed by construction (maps of arbitrary content come from wrong_types)."""
+    first = st.binary(max_size=300).filter(lambda b: not b or b[0] not in MAP_MARKERS)
+    return st.tuples(first, st.lists(st.binary(max_size=300), max_size=max_frames - 1)).map(
+        lambda m: Sent([m[0], *m[1]]))
+
+
+def pickles(marker: Path, schemas: dict[str, st.SearchStrategy]) -> st.SearchStrategy[Sent]:
     """Object arrays whose unpickling creates `marker`, in every place a careless decoder would
     look: the whole header (msgpack-numpy), a field, an `|O` array frame, an ext type, a stray
-    frame, and plain pickle bytes."""
+    frame, and plain pickle bytes. Only the pickle in an unknown field leaves the message
+    well-formed (unknown fields are ignored, as plain msgpack maps and bytes); the object array
+    msgpack-numpy encoded it from never existed on the wire."""
     bomb = pickle_bomb(marker)
     blob = bomb.dumps()
 
-    def build(m: tuple[tuple[str, dict], int]) -> Frames:
+    def build(m: tuple[tuple[str, dict], int]) -> Sent:
         (mtype, fields), how = m
         header = {"v": protocol.VERSION, "type": mtype, **fields}
         return [
-            [msgpack_numpy.packb(bomb)],
-            [msgpack.packb({**header, "payload": bomb}, default=msgpack_numpy.encode)],
-            [packb({**header, "arrays": [["x", "|O", [1]]]}), blob],
-            [packb({**header, "arrays": [["x", "|O", [1]]]}), b"\x00" * 8],
-            [packb({**header, "payload": msgpack.ExtType(1, blob)})],
-            [packb(header), blob],
-            [pickle.dumps(bomb)],
+            Sent([msgpack_numpy.packb(bomb)]),
+            Sent([msgpack.packb({**header, "payload": bomb}, default=msgpack_numpy.encode)],
+                 {**header, "payload": msgpack_numpy.encode(bomb)}),
+            Sent([packb({**header, "arrays": [["x", "|O", [1]]]}), blob]),
+            Sent([packb({**header, "arrays": [["x", "|O", [1]]]}), b"\x00" * 8]),
+            Sent([packb({**header, "payload": msgpack.ExtType(1, blob)})]),
+            Sent([packb(header), blob]),
+            Sent([pickle.dumps(bomb)]),
         ][how]
     return st.tuples(valid_message(schemas), st.integers(0, 6)).map(build)
 
 
 def hostile_message(accepted: frozenset[str], schemas: dict[str, st.SearchStrategy],
-                    marker: Path) -> st.SearchStrategy[Frames]:
+                    marker: Path) -> st.SearchStrategy[Sent]:
     """One message of any hostile kind for an endpoint that accepts `accepted` types."""
     types = sorted(protocol.SCHEMAS)
     return st.one_of(
@@ -464,15 +627,15 @@ def one_in(n: int, rare: st.SearchStrategy, common: st.SearchStrategy) -> st.Sea
     return st.integers(1, n).flatmap(lambda k: rare if k == 1 else common)
 
 
-def client_cases(marker: Path) -> st.SearchStrategy[list[Frames]]:
+def client_cases(marker: Path) -> st.SearchStrategy[list[Sent]]:
     """Hostile messages, a quarter of the time after a valid hello, so they also reach a
     known client's session (requests, cancels, pings, and everything malformed)."""
     hostile = st.lists(hostile_message(CLIENT_MESSAGES, VALID_TO_CLIENTS_ENDPOINT, marker), min_size=1, max_size=4)
-    hello = wire(protocol.encode("hello", {"dataset": "train"}))
+    hello = message("hello", {"dataset": "train"})
     return one_in(4, hostile.map(lambda case: [hello, *case]), hostile)
 
 
-def worker_cases(marker: Path) -> st.SearchStrategy[list[Frames]]:
+def worker_cases(marker: Path) -> st.SearchStrategy[list[Sent]]:
     """Hostile messages, a fifth of the time from a fake worker that registers first, so that
     `done` and `failed` with bogus task ids and arrays, heartbeats and garbage reach a
     registered worker's session; it then goes silent and must be retired. (Each such case
@@ -545,7 +708,7 @@ def test_stats_stay_readable_with_workers_on_long_host_names(live):
     with ExitStack() as stack:
         socks = [stack.enter_context(dealer(live.server.worker_endpoint)) for _ in range(5)]
         for sock in socks:
-            send_as_worker(sock, live, [wire(protocol.encode("ready", {"pid": 7, "host": host}))])
+            send_as_worker(sock, live, [message("ready", {"pid": 7, "host": host})])
         for sock in socks:  # not silent: none of them is retired before the stats are read
             sock.send_multipart(protocol.encode("heartbeat"))
         stats = request_stats(live.server.endpoint)
@@ -898,19 +1061,18 @@ hostile_errors = st.fixed_dictionaries({
 
 def hostile_replies(marker: Path) -> st.SearchStrategy[list[Frames]]:
     types = sorted(protocol.SCHEMAS)
-    return st.lists(st.one_of(
+    generated = st.one_of(
         random_frames(),
         wrong_types(types),
         encoded(VALID_FROM_SERVER),
-        hostile_batches(),
-        hostile_errors,
         with_hostile_arrays(VALID_FROM_SERVER),
         unknown_types(TO_CLIENT),
         bad_versions(VALID_FROM_SERVER),
         ext_types(VALID_FROM_SERVER),
         deep_nesting(types),
         pickles(marker, {**VALID_FROM_SERVER, "batch": st.just({"epoch": FUZZ_KEY[0], "index": FUZZ_KEY[1]})}),
-    ), min_size=1, max_size=6)
+    ).map(lambda sent: sent.frames)
+    return st.lists(generated | hostile_batches() | hostile_errors, min_size=1, max_size=6)
 
 
 @pytest.fixture(scope="module")
@@ -1019,11 +1181,11 @@ def bulk_round(live: Live, examples: int) -> None:
     """Many hostile cases to both endpoints with no per-case check (only the probes, so each
     case is handled before the next), plus frames just under the limits to make a leak of
     received frames show in RSS."""
-    near_limit = [b"\x01" * (CLIENT_MAXMSGSIZE - 1)]
+    near_limit = Sent([b"\x01" * (CLIENT_MAXMSGSIZE - 1)])  # over the header limit: malformed
 
     @fuzz(examples)
     @given(clients=client_cases(live.marker), workers=worker_cases(live.marker))
-    def round_(clients: list[Frames], workers: list[Frames]) -> None:
+    def round_(clients: list[Sent], workers: list[Sent]) -> None:
         send_case_to_clients_endpoint(live, [*clients, near_limit])
         send_case_to_workers_endpoint(live, [*workers, near_limit])
 
