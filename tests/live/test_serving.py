@@ -331,3 +331,76 @@ def test_wait_counts_an_epochs_tail_when_fewer_batches_than_loader_threads_remai
     # Both batches (8 samples x 50 ms each, one worker) take about 0.8 s; both threads were
     # blocked nearly all that time, and only two of the four could be fetching at all.
     assert 0.5 * elapsed < stream.stats()["wait_s"] <= elapsed
+
+
+def test_drop_remainder_serves_only_full_batches_a_different_remainder_each_epoch(start_server, id_dataset):
+    """--drop-remainder: 203 samples in batches of 16 are 12 full batches a client can count on;
+    the 11 left over are dropped, and since the order is per sample, not the same 11 each epoch."""
+    folder, n = id_dataset
+    server = start_server("--data", str(folder), "--label-column", "-1", "--batch-size", "16", "--drop-remainder",
+                          workers=1)
+    dropped = []
+    with BatchStream(server.endpoint, timeout=60) as stream:
+        assert len(stream) == 12
+        for _ in range(2):
+            sizes, ids = [], []
+            for batch in stream:
+                sizes.append(len(batch[1]))
+                ids += batch_ids(batch)
+            assert sizes == [16] * 12
+            assert len(ids) == len(set(ids)) == 192 and set(ids) <= set(range(n))
+            dropped.append(set(range(n)) - set(ids))
+    assert dropped[0] != dropped[1], "each epoch drops the tail of its own permutation"
+
+
+def test_seed_picks_order_and_augmentation_and_the_same_seed_gives_the_same_bytes(start_server, tmp_path):
+    """Every other test serves the default seed. Here: seeds 1 and 2 give different sample orders
+    and different augmentation of the same sample, and seed 1 again, on a fresh server, gives the
+    first epoch byte for byte."""
+    augmented_images(tmp_path / "imgs")
+    args = ("--data", str(tmp_path / "imgs"), "--label-column", "-1", "--x-shape", "24,24", "--batch-size", "10",
+            "--augment", "noise:std=0.1,p=1")
+    epochs = []
+    for seed in (1, 2, 1):
+        server = start_server(*args, "--seed", str(seed), workers=1)
+        epochs.append(read_epoch(server.endpoint))
+        server.stop()
+    first, other, again = epochs
+    assert sorted(ids_of(first)) == sorted(ids_of(other)) == list(range(96))
+    assert ids_of(first) != ids_of(other), "another seed, another order"
+    rows = [dict(zip(ids_of(e), np.concatenate([b[0] for b in e]))) for e in (first, other)]
+    assert all(not np.array_equal(rows[0][i], rows[1][i]) for i in range(96)), "another seed, other noise"
+    assert ids_of(again) == ids_of(first)
+    assert [b[0].tobytes() for b in again] == [b[0].tobytes() for b in first], "the same seed, the same bytes"
+
+
+def test_two_clients_asking_at_once_take_turns_and_neither_starves(start_server, tmp_path, augment_package):
+    """The broker gives workers to clients in turn. With one slow worker, a client that asks for a
+    whole epoch first must not have all of it built before a second client, asking just after, gets
+    a share: when either has its 16 batches, the other has at least half of its own. Served first
+    come, first served, the second would have at most the one batch in flight."""
+    from loader_client.stream import Connection
+
+    module = augment_package("slowpkg", PAUSE_OP)
+    n = write_id_dataset(tmp_path / "d", [32, 32, 32, 32])
+    server = start_server("--data", str(tmp_path / "d"), "--label-column", "-1", "--batch-size", "8",
+                          "--augment", f"{module}:pause:seconds=0.03", workers=1)
+    first = Connection(server.endpoint, timeout=60)
+    second = None
+    try:
+        second = Connection(server.endpoint, timeout=60)
+        everything = list(range(16))
+        first.request(0, everything)
+        wait_for(lambda: any(c["batches"] + c["outstanding"] == 16 for c in request_stats(server.endpoint)["clients"]),
+                 20, "the server to hold the first client's request")
+        second.request(0, everything)
+        finished = wait_for(lambda: [c for c in (first, second) if c.batches == 16], 120, "either client's epoch")
+        other = second if finished[0] is first else first
+        share = other.batches
+        assert share >= 8, f"the other client had {share} of its 16 batches"
+        for conn in (first, second):
+            assert sorted(i for index in everything for i in batch_ids(conn.get(0, index))) == list(range(n))
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
