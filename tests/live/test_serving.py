@@ -353,6 +353,27 @@ def test_drop_remainder_serves_only_full_batches_a_different_remainder_each_epoc
     assert dropped[0] != dropped[1], "each epoch drops the tail of its own permutation"
 
 
+def test_received_arrays_are_read_only_views_on_the_received_frames(start_server, id_dataset):
+    """README: arrays are read-only views on the received message, no copy. Each array must
+    refuse writes, and its chain of bases must end at the ZeroMQ frame's buffer with no array
+    that owns its data (a copy) on the way."""
+    import zmq
+
+    folder, _ = id_dataset
+    server = start_server("--data", str(folder), "--label-column", "-1", "--batch-size", "16", workers=1)
+    with BatchStream(server.endpoint, timeout=60) as stream:
+        for batch in stream:
+            for array in batch:
+                assert not array.flags.writeable, "a received array accepts writes"
+                with pytest.raises(ValueError, match="read-only"):
+                    array[...] = 0
+                base = array
+                while isinstance(base, np.ndarray):
+                    assert not base.flags.owndata, "a copy sits between the array and the message"
+                    base = base.base
+                assert isinstance(base, memoryview) and isinstance(base.obj, zmq.Frame), (type(base), base)
+
+
 def test_seed_picks_order_and_augmentation_and_the_same_seed_gives_the_same_bytes(start_server, tmp_path):
     """Every other test serves the default seed. Here: seeds 1 and 2 give different sample orders
     and different augmentation of the same sample, and seed 1 again, on a fresh server, gives the
