@@ -184,8 +184,7 @@ def test_manifest_arguments_parse_with_the_npyloader_cli(objs):
 
     parser = cli._build_parser()
     commands = next(a for a in parser._actions if a.dest == "command").choices
-    if "worker" not in commands:
-        pytest.skip("this checkout's npyloader has no `worker` command yet (remote workers)")
+    assert "worker" in commands, "the worker Deployment runs `npyloader worker`, which the CLI must have"
     argvs = [container(objs, "npyloader-loader")["args"], container(objs, "npyloader-worker")["args"],
              STATS_PROBE[1:]]
     for argv in argvs:
