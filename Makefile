@@ -19,8 +19,8 @@ demo: $(INSTALLED)
 	$(PY) -m loader_server.tools.demo
 
 # `make test` first brings up the private Docker engine (tools/local-docker.sh up: root, apt) so
-# that tests/test_docker.py runs; where it cannot, it prints why and runs everything else (those
-# tests are then skipped with that reason). DOCKER_TESTS=off skips the engine on purpose.
+# that tests/deploy/test_docker.py runs; where it cannot, it prints why and runs everything else
+# (those tests are then skipped with that reason). DOCKER_TESTS=off skips the engine on purpose.
 DOCKER_TESTS ?= auto
 DOCKER_HOST_SOCK := unix:///tmp/npyloader-docker/docker.sock
 
@@ -39,8 +39,9 @@ test: $(INSTALLED)
 	fi; \
 	$(PY) -m pytest -ra
 
+# `make test-fast`: tests/unit only, the tests that start no process (well under a minute).
 test-fast: $(INSTALLED)
-	$(PY) -m pytest -ra -m "not slow"
+	$(PY) -m pytest -ra tests/unit
 
 # A private Docker engine (root): installs docker.io docker-compose debootstrap if missing, starts
 # dockerd on /tmp/npyloader-docker/docker.sock, builds the base image npyloader-base:bookworm.

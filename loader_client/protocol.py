@@ -392,5 +392,6 @@ def _decode_arrays(header: dict[str, Any], frames: Sequence[Any]) -> dict[str, n
         buf = _buffer(frame)
         if len(buf) != nbytes:
             raise ProtocolError(f"array '{name}' declares {nbytes} bytes but its frame has {len(buf)}")
-        arrays[name] = np.frombuffer(buf, dtype=dt).reshape(shape)
+        # read-only: a received array is a view on the message, not the caller's to write into
+        arrays[name] = np.frombuffer(buf.toreadonly(), dtype=dt).reshape(shape)
     return arrays

@@ -92,14 +92,14 @@ install_packages() {
 }
 
 install_prometheus() {
-    # Debian's prometheus package, whose server and promtool let tests/test_monitoring.py check
+    # Debian's prometheus package, whose server and promtool let tests/deploy/test_monitoring.py check
     # the compose monitoring profile for real. Best effort: without it those tests are skipped,
     # saying why. Its service is not started (policy-rc.d), on this machine or any other.
     local policy=/usr/sbin/policy-rc.d made=""
     command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 && return 0
     command -v apt-get >/dev/null 2>&1 || { say "no apt-get: not installing prometheus"; return 0; }
     mkdir -p "$STATE"
-    say "installing prometheus with apt-get, for tests/test_monitoring.py (log: $APT_LOG)"
+    say "installing prometheus with apt-get, for tests/deploy/test_monitoring.py (log: $APT_LOG)"
     if [ ! -e "$policy" ]; then
         printf '#!/bin/sh\nexit 101\n' >"$policy" && chmod 755 "$policy" && made=1
     fi

@@ -249,6 +249,7 @@ class Broker:
         client = self.clients.get(identity)
         if client is not None:
             client.last_seen = time.monotonic()
+            client.closed = False  # it speaks, so it is back
         self._client_handlers[msg.type](identity, msg)
 
     def _client_hello(self, identity: bytes, msg: protocol.Message) -> None:
@@ -364,8 +365,12 @@ class Broker:
         self._send_client(identity, protocol.encode("stats_reply", {"stats": self.stats()}))
 
     def _client_bye(self, identity: bytes, msg: protocol.Message) -> None:
-        """A client leaving while its program still holds batches read from shared memory keeps
-        those slots until the client timeout: its arrays stay valid that long after close()."""
+        self._client_gone(identity)
+
+    def _client_gone(self, identity: bytes) -> None:
+        """A client that said bye, or whose connection is gone. One still lent slots keeps them
+        until the client timeout, never less: its program may still read them (arrays stay valid
+        that long after close()), and a dropped connection is no proof that the process died."""
         client = self.clients.get(identity)
         if client is not None and client.leases:
             client.closed = True
@@ -576,7 +581,7 @@ class Broker:
         except zmq.ZMQError as e:
             if e.errno == errno.EHOSTUNREACH:
                 log.info("client %s is gone; dropping its session", task.client.hex())
-                self._drop_client(task.client)
+                self._client_gone(task.client)
             else:
                 client.pending.appendleft((task.epoch, task.index))
                 self._mark_runnable(task.client)
@@ -724,7 +729,7 @@ class Broker:
             self.csock.send_multipart([identity, *frames], flags=zmq.NOBLOCK)
         except zmq.ZMQError as e:
             if e.errno == errno.EHOSTUNREACH:
-                self._drop_client(identity)
+                self._client_gone(identity)
             else:
                 log.warning("could not reply to client %s: %s", identity.hex(), e)
 

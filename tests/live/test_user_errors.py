@@ -1,0 +1,194 @@
+"""Every mistake a user can make on the command line ends as one clear line on stderr, naming
+the culprit (file, glob, option or endpoint), with exit status 2 and no traceback.
+
+These run `npyloader serve` as a plain subprocess, since each must fail before it is ready.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from loader_client.stream import BatchStream
+from tests.helpers import free_port, run_bounded, serve_command, write_id_dataset
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """`npyloader ARGS`; `serve` starts workers, so a hang stops its whole process group."""
+    return run_bounded(serve_command(*args), timeout=timeout, cwd=REPO)
+
+
+def serve(*args: str) -> subprocess.CompletedProcess:
+    """`npyloader serve ARGS` with one worker, on a free port unless ARGS bind one."""
+    extra = ["--workers", "1"] + ([] if "--bind" in args else ["--bind", "tcp://127.0.0.1:0"])
+    return run("serve", *args, *extra)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *names: str) -> str:
+    """Exit 2, one `error:` line naming each of `names`, no traceback. Returns that line."""
+    err = result.stderr
+    assert result.returncode == 2, f"exit {result.returncode}, stderr:\n{err}"
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, f"expected one error line, got:\n{err}"
+    for name in names:
+        assert name in lines[0], f"{name!r} not named in {lines[0]!r}"
+    return lines[0]
+
+
+@pytest.fixture
+def good(tmp_path: Path) -> Path:
+    """A folder of two consistent combined-layout files (17 columns: 16 features + a label)."""
+    folder = tmp_path / "good"
+    write_id_dataset(folder, [20, 12])
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Data files
+
+
+def test_glob_matching_no_files(tmp_path):
+    pattern = str(tmp_path / "nowhere" / "*.npy")
+    line = assert_user_error(serve("--data", pattern), pattern)
+    assert "--data" in line
+
+
+def test_file_with_a_different_dtype(good):
+    odd = good / "part-999.npy"
+    np.save(odd, np.zeros((4, 17), np.float64))
+    line = assert_user_error(serve("--data", str(good / "*.npy"), "--label-column", "-1"), str(odd))
+    assert str(good / "part-000.npy") in line
+    assert "float64" in line and "float32" in line
+
+
+def test_file_with_a_different_row_shape(good):
+    odd = good / "part-999.npy"
+    np.save(odd, np.zeros((4, 18), np.float32))
+    line = assert_user_error(serve("--data", str(good / "*.npy")), str(odd))
+    assert "shape" in line
+
+
+def test_corrupt_header(good):
+    bad = good / "x.npy"
+    bad.write_bytes(b"not a numpy file")
+    assert_user_error(serve("--data", str(good / "*.npy")), str(bad))
+
+
+def test_object_dtype(good):
+    bad = good / "objects.npy"
+    np.save(bad, np.array([{}, 1], dtype=object), allow_pickle=True)
+    line = assert_user_error(serve("--data", str(good / "*.npy")), str(bad))
+    assert "object" in line
+
+
+def test_paired_row_counts_differ(tmp_path):
+    inputs, targets = tmp_path / "in", tmp_path / "tg"
+    inputs.mkdir()
+    targets.mkdir()
+    np.save(inputs / "s.npy", np.zeros((5, 4, 4), np.float32))
+    np.save(targets / "s.npy", np.zeros((6, 4, 4), np.uint8))
+    line = assert_user_error(
+        serve("--data", str(inputs / "*.npy"), "--layout", "paired", "--targets", str(targets / "*.npy")),
+        str(inputs / "s.npy"), str(targets / "s.npy"))
+    assert "5" in line and "6" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# Options
+
+
+@pytest.mark.parametrize("spec, named", [("spin:p=1", "spin"), ("rotate:degres=3", "degres")])
+def test_bad_augment(good, spec, named):
+    line = assert_user_error(
+        serve("--data", str(good / "*.npy"), "--label-column", "-1", "--x-shape", "4,4", "--augment", spec),
+        "--augment", spec, named)
+    if named == "degres":
+        assert "degrees" in line  # the known parameters are listed
+
+
+def test_label_column_out_of_range(good):
+    assert_user_error(serve("--data", str(good / "*.npy"), "--label-column", "99"), "--label-column", "99")
+
+
+def test_x_shape_that_does_not_match_the_row_size(good):
+    line = assert_user_error(serve("--data", str(good / "*.npy"), "--label-column", "-1", "--x-shape", "5,5"),
+                             "--x-shape")
+    assert "25" in line and "16" in line
+
+
+def test_endpoint_in_use(good):
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.bind("tcp://127.0.0.1:*")
+        endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        line = assert_user_error(serve("--data", str(good / "*.npy"), "--bind", endpoint), endpoint, "in use")
+        assert "--bind" in line
+    finally:
+        sock.close(0)
+
+
+def test_config_file_missing(tmp_path):
+    missing = tmp_path / "missing.toml"
+    assert_user_error(serve("--config", str(missing)), "--config", str(missing))
+
+
+def test_config_with_unknown_key(tmp_path, good):
+    cfg = tmp_path / "loader.toml"
+    cfg.write_text(f'[datasets.train]\ndata = "{good}/*.npy"\nbatch_sise = 8\n')
+    assert_user_error(serve("--config", str(cfg)), str(cfg), "batch_sise")
+
+
+# ---------------------------------------------------------------------------------------------
+# Nobody there
+
+
+def test_stats_of_a_server_that_is_not_there():
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = run("stats", endpoint, "--timeout", "1", timeout=30)
+    elapsed = time.monotonic() - started
+    assert_user_error(result, endpoint)
+    assert elapsed < 15, f"stats took {elapsed:.1f}s to give up"  # bounds a hang (includes startup)
+
+
+def test_batch_stream_to_a_server_that_is_not_there():
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(TimeoutError) as info:
+        BatchStream(endpoint, timeout=1.0)
+    elapsed = time.monotonic() - started
+    assert endpoint in str(info.value)
+    assert elapsed < 5, f"BatchStream took {elapsed:.1f}s to give up"
+
+
+def test_batch_stream_for_an_unknown_dataset(start_server, id_dataset):
+    folder, _ = id_dataset
+    server = start_server("--data", str(folder / "*.npy"), "--label-column", "-1", "--batch-size", "16", workers=1)
+    with pytest.raises(Exception) as info:
+        BatchStream(server.endpoint, dataset="nope", timeout=10)
+    assert not isinstance(info.value, TimeoutError), info.value
+    assert "nope" in str(info.value) and "train" in str(info.value)
+    # the server is fine afterwards
+    with BatchStream(server.endpoint, timeout=20) as stream:
+        assert len(stream) == 13
+
+
+# ---------------------------------------------------------------------------------------------
+# Help
+
+
+@pytest.mark.parametrize("args", [(), ("serve",), ("stats",), ("demo-data",)], ids=lambda a: " ".join(a) or "top")
+def test_help(args):
+    result = run(*args, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+    assert "Traceback" not in result.stderr
