@@ -228,7 +228,11 @@ def format_stats(endpoint: str, s: dict) -> str:
     lines.append(f"clients: {len(s['clients'])}")
     for c in s["clients"]:
         wait = c["wait_s"] / c["connected_s"] if c["connected_s"] else 0.0
-        lines.append(f"  {c['id'][:8]} {c['dataset']}: {c['batches']} batches, {c['bytes'] / 1e6:.1f} MB, "
+        # shm: it reads batches from this server's shared memory (same host, same uid); socket: over tcp/ipc.
+        via = c.get("transport", "socket")
+        if via == "shm":
+            via += f", {c.get('slots_held', 0)} slots held"
+        lines.append(f"  {c['id'][:8]} {c['dataset']} ({via}): {c['batches']} batches, {c['bytes'] / 1e6:.1f} MB, "
                      f"waited {c['wait_s']:.2f}s ({wait:.0%} of its time), {c['pending']} queued")
     if s["rejected"]:
         lines.append("rejected messages: " + ", ".join(f"{k} {v}" for k, v in s["rejected"].items()))
