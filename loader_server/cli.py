@@ -232,7 +232,7 @@ def format_stats(endpoint: str, s: dict) -> str:
         via = c.get("transport", "socket")
         if via == "shm":
             via += f", {c.get('slots_held', 0)} slots held"
-        lines.append(f"  {c['id'][:8]} {c['dataset']} ({via}): {c['batches']} batches, {c['bytes'] / 1e6:.1f} MB, "
+        lines.append(f"  {c['id']} {c['dataset']} ({via}): {c['batches']} batches, {c['bytes'] / 1e6:.1f} MB, "
                      f"waited {c['wait_s']:.2f}s ({wait:.0%} of its time), {c['pending']} queued")
     if s["rejected"]:
         lines.append("rejected messages: " + ", ".join(f"{k} {v}" for k, v in s["rejected"].items()))
