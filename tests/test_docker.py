@@ -7,11 +7,16 @@ project from the repository root with a loader that has no local workers and two
 containers, on a small id dataset mounted read-only. A client on this host reads through the
 published port: a full epoch exactly once; an epoch during which a worker container is killed;
 the loader's healthcheck, user and mounts; a clean stop of the loader and the workers rejoining
-its restart. The module is skipped, with the reason, when the engine cannot be started (not
-root, no apt, dockerd fails); NPYLOADER_REQUIRE_DOCKER=1 turns that skip into a failure.
+its restart. A second project runs a loader with one local worker, whose shared-memory slots
+trainer containers read: the compose `trainer` service (the loader's IPC namespace, its uid)
+over shm; a container without that IPC namespace, and the trainer service as another uid, over
+the socket, each saying why; the same bytes every way. The module is skipped, with the reason,
+when the engine cannot be started (not root, no apt, dockerd fails); NPYLOADER_REQUIRE_DOCKER=1
+turns that skip into a failure.
 
-The compose project is always taken down (`down -v --remove-orphans`), pass or fail; the engine
-and its images stay for the next run (`tools/local-docker.sh down` stops the engine).
+The compose projects are always taken down (`down -v --remove-orphans`), pass or fail, and every
+one-off container a test starts is removed by it; the engine and its images stay for the next
+run (`tools/local-docker.sh down` stops the engine).
 
 The unmarked test reads both compose files without an engine: PyYAML, else `docker-compose
 config`, else it is skipped.
