@@ -40,7 +40,7 @@ def render(endpoint: str, s: Stats) -> list[str]:
           d["queued"]] for name, d in s["datasets"].items()])]
     lines += ["", *table(
         ["CLIENT", "DATASET", "VIA", "BATCHES", "MB", "MB/S", "QUEUED", "WAIT", "WAIT TOTAL"],
-        [[c["id"][:8], c["dataset"], c.get("transport", "socket"), c["batches"], f"{c['bytes'] / 1e6:.1f}",
+        [[c["id"][:12], c["dataset"], c.get("transport", "socket"), c["batches"], f"{c['bytes'] / 1e6:.1f}",
           f"{c['recent_bytes_per_s'] / 1e6:.1f}", c["pending"], f"{c['recent_wait_fraction']:.0%}",
           f"{c['wait_fraction']:.0%}"] for c in s["clients"]])]
     lines += ["", *table(

@@ -7,11 +7,16 @@ project from the repository root with a loader that has no local workers and two
 containers, on a small id dataset mounted read-only. A client on this host reads through the
 published port: a full epoch exactly once; an epoch during which a worker container is killed;
 the loader's healthcheck, user and mounts; a clean stop of the loader and the workers rejoining
-its restart. The module is skipped, with the reason, when the engine cannot be started (not
-root, no apt, dockerd fails); NPYLOADER_REQUIRE_DOCKER=1 turns that skip into a failure.
+its restart. A second project runs a loader with one local worker, whose shared-memory slots
+trainer containers read: the compose `trainer` service (the loader's IPC namespace, its uid)
+over shm; a container without that IPC namespace, and the trainer service as another uid, over
+the socket, each saying why; the same bytes every way. The module is skipped, with the reason,
+when the engine cannot be started (not root, no apt, dockerd fails); NPYLOADER_REQUIRE_DOCKER=1
+turns that skip into a failure.
 
-The compose project is always taken down (`down -v --remove-orphans`), pass or fail; the engine
-and its images stay for the next run (`tools/local-docker.sh down` stops the engine).
+The compose projects are always taken down (`down -v --remove-orphans`), pass or fail, and every
+one-off container a test starts is removed by it; the engine and its images stay for the next
+run (`tools/local-docker.sh down` stops the engine).
 
 The unmarked test reads both compose files without an engine: PyYAML, else `docker-compose
 config`, else it is skipped.
@@ -19,6 +24,8 @@ config`, else it is skipped.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
@@ -193,9 +200,12 @@ class Project:
         return _run([*_compose_argv(), "-p", self.name, *args], self.env, self.log, timeout,
                     f"{shlex.join(_compose_argv())} {shlex.join(args)}")
 
-    def containers(self, service: str, *, all_states: bool = False) -> list[str]:
-        argv = ["docker", "ps", "-q", "--no-trunc", "--filter", f"label=com.docker.compose.project={self.name}",
-                "--filter", f"label=com.docker.compose.service={service}"]
+    def containers(self, service: str | None, *, all_states: bool = False) -> list[str]:
+        """The ids of this project's containers of `service` (None: of every service, one-off
+        `run` containers included)."""
+        argv = ["docker", "ps", "-q", "--no-trunc", "--filter", f"label=com.docker.compose.project={self.name}"]
+        if service is not None:
+            argv += ["--filter", f"label=com.docker.compose.service={service}"]
         out = subprocess.run(argv + (["-a"] if all_states else []), env=self.env, capture_output=True,
                              text=True, check=True, timeout=60).stdout
         return out.split()
@@ -211,10 +221,12 @@ class Project:
         return out if tail == "all" else out[-6000:]
 
 
-@pytest.fixture(scope="module")
-def project(request: pytest.FixtureRequest, engine: dict[str, str], image: str,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
-    """`docker-compose up -d --scale worker=2 loader worker` from the repository root, no local workers."""
+@contextlib.contextmanager
+def _compose_project(request: pytest.FixtureRequest, engine: dict[str, str], image: str,
+                     tmp_path_factory: pytest.TempPathFactory, *, loader_workers: int, up: list[str],
+                     ready: Callable[[dict], bool], what: str) -> Iterator[Project]:
+    """`docker-compose up -d UP...` from the repository root with the id dataset, until `ready` holds
+    for `npyloader stats`; `down -v --remove-orphans` at the end, checking no container is left."""
     data = tmp_path_factory.mktemp("docker-data")
     samples = write_id_dataset(data / "ids", ROWS_PER_FILE)
     (data / "loader.toml").write_text(
@@ -232,32 +244,48 @@ def project(request: pytest.FixtureRequest, engine: dict[str, str], image: str,
     name = f"npyloadertest{uuid.uuid4().hex[:10]}"
     port = free_port()
     env = {**engine, "DATA_DIR": str(data), "LOADER_PORT": str(port), "WORKER_PORT": str(free_port()),
-           "LOADER_WORKERS": "0", "WORKER_ARGS": "--processes 1", "NPYLOADER_IMAGE": image}
+           "LOADER_WORKERS": str(loader_workers), "WORKER_ARGS": "--processes 1", "NPYLOADER_IMAGE": image}
     env.pop("LOADER_ARGS", None)  # the compose default, --config /data/loader.toml, is under test too
     log = tmp_path_factory.mktemp("docker-compose") / "compose.log"
     proj = Project(name, env, port, data, log, samples)
     try:
-        _progress(request.config, f"compose project {name}: up -d --scale worker=2 loader worker (log: {log})")
+        _progress(request.config, f"compose project {name}: up -d {' '.join(up)} (log: {log})")
         started = time.monotonic()
-        proj.compose("up", "-d", "--scale", "worker=2", "loader", "worker")
-
-        def two_workers_ready() -> dict | None:
-            s = _stats(port)
-            return s if s and s["workers"]["ready"] >= 2 else None
-
+        proj.compose("up", "-d", *up)
         try:
-            wait_for(two_workers_ready, 180, "npyloader stats to show 2 workers ready", interval=0.5)
+            wait_for(lambda: (s := _stats(port)) is not None and ready(s), 180, f"npyloader stats to show {what}",
+                     interval=0.5)
         except AssertionError as e:
             raise AssertionError(f"{e}\ncompose logs:\n{proj.logs()}") from None
-        _progress(request.config, f"loader and 2 workers ready in {time.monotonic() - started:.0f}s")
+        _progress(request.config, f"{what} in {time.monotonic() - started:.0f}s")
         yield proj
     finally:
         with open(log, "a") as f:  # the containers' own logs, for a post-mortem
             f.write(f"\n$ compose logs\n{proj.logs(tail='all')}\n")
         _progress(request.config, f"compose project {name}: down -v --remove-orphans")
         proj.compose("down", "-v", "--remove-orphans", "--timeout", "10")
-        left = proj.containers("loader", all_states=True) + proj.containers("worker", all_states=True)
+        left = proj.containers(None, all_states=True)
         assert not left, f"containers of {name} left after down: {left}"
+
+
+@pytest.fixture(scope="module")
+def project(request: pytest.FixtureRequest, engine: dict[str, str], image: str,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
+    """`docker-compose up -d --scale worker=2 loader worker` from the repository root, no local workers."""
+    with _compose_project(request, engine, image, tmp_path_factory, loader_workers=0,
+                          up=["--scale", "worker=2", "loader", "worker"],
+                          ready=lambda s: s["workers"]["ready"] >= 2, what="loader and 2 workers ready") as proj:
+        yield proj
+
+
+@pytest.fixture(scope="module")
+def shm_project(request: pytest.FixtureRequest, engine: dict[str, str], image: str,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
+    """`docker-compose up -d loader` with a local worker (LOADER_WORKERS=1): only a loader with local
+    workers has shared-memory slots to offer (`project`'s loader, with none, offers none)."""
+    with _compose_project(request, engine, image, tmp_path_factory, loader_workers=1, up=["loader"],
+                          ready=lambda s: s["workers"]["ready"] >= 1, what="loader with 1 local worker ready") as proj:
+        yield proj
 
 
 def _ids(batches: list[tuple[np.ndarray, ...]]) -> list[int]:
@@ -390,6 +418,172 @@ def test_loader_stops_cleanly_and_worker_containers_rejoin_its_restart(project: 
         f"the loader's shutdown on SIGTERM exited {exit_code}:\n{output[-3000:]}"
 
 
+# -- trainer containers on the loader's host: shared memory, or the socket -----------------------
+
+# What a trainer container runs in these tests: `python -c TRAINER_PROBE URL TRANSPORT`. It reads
+# epoch 0 and prints one JSON line: each batch's sample ids and a digest of its bytes, whether its
+# arrays are writable (a shared-memory batch is a read-only view of the loader's slot), the client's
+# stats(), and, while it is still connected, what `npyloader stats` says about it: the clients that
+# joined since the probe started (--json; a client of an earlier test that exited holding a slot
+# stays listed until --client-timeout) and the human listing.
+TRAINER_PROBE = """
+import hashlib, json, os, subprocess, sys
+from loader_client import BatchStream
+url, transport = sys.argv[1], sys.argv[2]
+def npyloader_stats(*flags):
+    return subprocess.run(["npyloader", "stats", url, "--timeout", "10", *flags], capture_output=True, text=True,
+                          check=True).stdout
+before = {c["id"] for c in json.loads(npyloader_stats("--json"))["clients"]}
+batches = []
+with BatchStream(url, dataset="train", epoch=0, timeout=60, transport=transport) as stream:
+    for x, y in stream:
+        batches.append({"ids": [int(v) for v in y], "sha256": hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest(),
+                        "writeable": bool(x.flags.writeable or y.flags.writeable)})
+    stats = stream.stats()
+    joined = [c for c in json.loads(npyloader_stats("--json"))["clients"] if c["id"] not in before]
+    listing = npyloader_stats()
+print(json.dumps({"uid": os.getuid(), "batches": batches, "stats": stats, "joined": joined, "listing": listing}))
+"""
+TRAINER_TIMEOUT = 240
+
+
+def _digest(x: np.ndarray, y: np.ndarray) -> str:
+    return hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()
+
+
+def _host_epoch(project: Project) -> list[dict]:
+    """Epoch 0 as a client on this host reads it over the published port: the reference bytes."""
+    with BatchStream(project.url, dataset="train", epoch=0, timeout=60, transport="socket") as stream:
+        out = []
+        for x, y in stream:
+            assert np.array_equal(x[:, 0], (y * 1000) % 9973), "write_id_dataset's features follow the id"
+            out.append({"ids": [int(v) for v in y], "sha256": _digest(x, y)})
+    return out
+
+
+def _one_off(project: Project, argv: list[str], name: str, what: str) -> dict:
+    """Run a client container in the foreground (`argv` names it `name`) and parse the JSON line it
+    prints last. The container is removed afterwards whatever happened (a timeout included), and
+    checked to be gone."""
+    with open(project.log, "a") as f:
+        f.write(f"\n$ {shlex.join(argv)}\n")
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(argv, cwd=ROOT, env=project.env, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=TRAINER_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{what} took more than {TRAINER_TIMEOUT}s; loader logs:\n{project.logs()}") from None
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], env=project.env, capture_output=True, timeout=60)
+    left = subprocess.run(["docker", "container", "inspect", name], env=project.env, capture_output=True, timeout=60)
+    assert left.returncode != 0, f"the {what} container {name} is still there"
+    with open(project.log, "a") as f:
+        f.write(f"{proc.stdout}{proc.stderr}(exit {proc.returncode} after {time.monotonic() - started:.1f}s)\n")
+    assert proc.returncode == 0, f"{what} exited {proc.returncode}:\n{proc.stderr[-3000:]}\n{proc.stdout[-2000:]}"
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert lines, f"{what} printed no JSON line:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return json.loads(lines[-1])
+
+
+def _compose_trainer(project: Project, *args: str, what: str) -> dict:
+    """`docker-compose --profile trainer run --rm trainer ARGS`: the compose file's trainer service,
+    in the loader's IPC namespace; ARGS (options, then `trainer` and its command) as given."""
+    name = f"{project.name}-trainer-{uuid.uuid4().hex[:6]}"
+    argv = [*_compose_argv(), "-p", project.name, "--profile", "trainer", "run", "--rm", "-T", "--name", name, *args]
+    return _one_off(project, argv, name, what)
+
+
+def _probe_from_compose(project: Project, *options: str, transport: str = "auto") -> dict:
+    return _compose_trainer(project, *options, "trainer", TRAINER_PROBE, "tcp://loader:5555", transport,
+                            what=f"the compose trainer {' '.join(options)} (transport={transport})")
+
+
+def _check_epoch(got: dict, reference: list[dict], project: Project) -> None:
+    """Epoch 0 read exactly once, and the same bytes, batch by batch, as the host read."""
+    batches = got["batches"]
+    assert [len(b["ids"]) for b in batches] == [BATCH_SIZE] * 12 + [project.samples - 12 * BATCH_SIZE]
+    assert sorted(i for b in batches for i in b["ids"]) == list(range(project.samples)), "every sample once"
+    assert [b["ids"] for b in batches] == [b["ids"] for b in reference], "the server's plan, in index order"
+    assert [b["sha256"] for b in batches] == [b["sha256"] for b in reference], "the same bytes as over tcp"
+    assert got["stats"]["batches"] == len(reference)
+
+
+def _check_server_view(got: dict, transport: str) -> None:
+    """`npyloader stats`, asked while the probe was connected: it was the one client that joined,
+    with the transport it used, and the human listing shows that transport for it."""
+    assert len(got["joined"]) == 1, got["joined"]
+    me = got["joined"][0]
+    assert me["transport"] == transport and me["batches"] == len(got["batches"]), me
+    lines = [ln for ln in got["listing"].splitlines() if ln.split()[:3] == [me["id"][:12], "train", transport]]
+    assert len(lines) == 1, f"client {me['id']} over {transport}, once, in:\n{got['listing']}"
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(SETUP_TIMEOUT + 600)
+def test_a_trainer_container_in_the_loaders_ipc_reads_the_epoch_from_shared_memory(shm_project: Project) -> None:
+    """compose's trainer service (`ipc: "service:loader"`, uid 10001) maps the loader's slots."""
+    loader = shm_project.containers("loader")
+    assert len(loader) == 1
+    assert shm_project.docker("inspect", "-f", "{{.HostConfig.IpcMode}}", loader[0]).strip() == "shareable"
+    reference = _host_epoch(shm_project)
+
+    # The example as the compose file has it.
+    example = _compose_trainer(shm_project, "trainer", what="the compose trainer example")
+    assert example["stats"]["transport"] == "shm" and example["stats"]["transport_reason"] is None, example
+    assert example["samples"] == shm_project.samples and example["stats"]["batches"] == len(reference), example
+
+    # The same service, strict (transport="shm" raises rather than fall back), reporting every batch.
+    got = _probe_from_compose(shm_project, transport="shm")
+    assert got["uid"] == 10001
+    assert got["stats"]["transport"] == "shm" and got["stats"]["transport_reason"] is None, got["stats"]
+    assert got["stats"]["copied"] == 0, got["stats"]
+    _check_epoch(got, reference, shm_project)
+    assert not any(b["writeable"] for b in got["batches"]), "views of the read-only mapping of the slots"
+    _check_server_view(got, "shm")
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(SETUP_TIMEOUT + 600)
+def test_a_trainer_container_without_the_loaders_ipc_reads_the_same_epoch_over_the_socket(
+        shm_project: Project) -> None:
+    """A container on the project network but in its own IPC namespace (its own /dev/shm) falls back
+    to tcp, says why, and receives the same bytes."""
+    reference = _host_epoch(shm_project)
+    loader = shm_project.containers("loader")[0]
+    networks = json.loads(shm_project.docker("inspect", "-f", "{{json .NetworkSettings.Networks}}", loader))
+    assert len(networks) == 1, networks
+    name = f"{shm_project.name}-alone-{uuid.uuid4().hex[:6]}"
+    argv = ["docker", "run", "--rm", "--name", name, "--network", next(iter(networks)), "--user", "10001:10001",
+            "--entrypoint", "python", shm_project.env["NPYLOADER_IMAGE"],
+            "-c", TRAINER_PROBE, "tcp://loader:5555", "auto"]
+    got = _one_off(shm_project, argv, name, "a trainer container without the loader's IPC")
+    assert got["uid"] == 10001
+    stats = got["stats"]
+    assert stats["transport"] == "socket", stats
+    reason = stats["transport_reason"] or ""
+    assert re.match(r"/dev/shm/npyloader-\d+-train is not visible here", reason), reason
+    _check_epoch(got, reference, shm_project)
+    _check_server_view(got, "socket")
+
+
+@pytest.mark.docker
+@pytest.mark.slow
+@pytest.mark.timeout(SETUP_TIMEOUT + 600)
+def test_a_trainer_of_another_uid_in_the_loaders_ipc_falls_back_to_the_socket(shm_project: Project) -> None:
+    """Same IPC namespace and /dev/shm, another uid: the segment (mode 0600) is not readable."""
+    reference = _host_epoch(shm_project)
+    got = _probe_from_compose(shm_project, "--user", "10002:10002")
+    assert got["uid"] == 10002
+    stats = got["stats"]
+    assert stats["transport"] == "socket", stats
+    reason = stats["transport_reason"] or ""
+    assert re.match(r"/dev/shm/npyloader-\d+-train is not readable by this user \(uid 10002\)", reason), reason
+    _check_epoch(got, reference, shm_project)
+    _check_server_view(got, "socket")
+
+
 # -- the compose files, without an engine ----------------------------------------------------------
 
 _VAR = re.compile(r"\$\$|\$\{(\w+)(?::?-([^}]*))?\}|\$(\w+)")
@@ -515,6 +709,25 @@ def test_compose_files_agree_and_keep_the_deployment_rules() -> None:
     assert wcommand == ["worker", "--connect", "tcp://loader:5556", "--metrics-port", "9101"]
     published = {str(p.get("published")) if isinstance(p, dict) else p.split(":")[0] for p in loader["ports"]}
     assert published == {"5555", "5556"}
+
+    # The trainer example: only under its profile (so `docker compose up [loader]` starts what it
+    # did before), in the loader's IPC namespace and /dev/shm, as the loader's uid.
+    assert {n for n, s in services.items() if not s.get("profiles")} == {"loader", "worker"}
+    trainer = services["trainer"]
+    assert trainer["profiles"] == ["trainer"]
+    assert loader.get("ipc") == "shareable", "the loader's IPC namespace must be joinable"
+    assert trainer.get("ipc") == "service:loader"
+    assert "shm_size" not in trainer, "its /dev/shm is the loader's"
+    assert "loader" in trainer["depends_on"]
+    image_uid = re.search(r"^USER (\d+)", (ROOT / "docker" / "Dockerfile").read_text(), re.M).group(1)
+    assert str(trainer["user"]).split(":")[0] == image_uid, "segments are mode 0600: only the loader's uid maps them"
+    assert trainer["image"] == loader["image"] and not trainer.get("ports")
+    assert _healthcheck_disabled(trainer), "the image's broker healthcheck makes no sense in a trainer"
+    assert trainer["entrypoint"] == ["python", "-c"]
+    script = trainer["command"] if isinstance(trainer["command"], list) else [trainer["command"]]
+    assert len(script) == 1, "one word: the script for python -c"
+    compile(script[0], "compose trainer", "exec")
+    assert "BatchStream(\"tcp://loader:5555\"" in script[0] and "stream.stats()" in script[0]
 
     for name, path in COMPOSE_FILES.items():
         text = path.read_text()

@@ -21,6 +21,9 @@ import pytest
 
 K8S = Path(__file__).resolve().parents[2] / "docker" / "k8s"
 MANIFESTS = ["data-pvc.yaml", "loader.yaml", "worker.yaml"]
+# Examples applied on their own, not by the kustomization: the trainer pod with its loader sidecar.
+EXAMPLES = ["trainer-pod.yaml"]
+DOCKERFILE = K8S.parent / "Dockerfile"
 STATS_PROBE = ["npyloader", "stats", "tcp://127.0.0.1:5555", "--timeout", "3"]
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not on PATH")
@@ -176,6 +179,10 @@ def test_kustomization_lists_every_manifest():
     yaml = pytest.importorskip("yaml", reason="PyYAML is not installed (pip install pyyaml)")
     k = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert sorted(k["resources"]) == sorted(MANIFESTS)
+    # A Job is a run, not a service: `kubectl apply -k` must not start a training (README.md).
+    assert not set(EXAMPLES) & set(k["resources"])
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert on_disk == set(MANIFESTS) | set(EXAMPLES), "a manifest that is neither deployed nor an example"
 
 
 def test_manifest_arguments_parse_with_the_npyloader_cli(objs):
@@ -198,8 +205,86 @@ def test_readme_gives_the_commands():
     text = (K8S / "README.md").read_text()
     for needle in ("kubectl apply -k docker/k8s/", "kubectl scale deployment npyloader-worker --replicas=",
                    "tcp://npyloader-loader:5555", "--curve-secret-key", "--authorized-keys",
-                   "--curve-server-key"):
+                   "--curve-server-key", "kubectl apply -f docker/k8s/trainer-pod.yaml",
+                   "tcp://127.0.0.1:5555", "medium: Memory", "runAsUser"):
         assert needle in text, needle
+
+
+# --- the trainer pod: a loader sidecar sharing /dev/shm -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trainer_job() -> dict:
+    yaml = pytest.importorskip(
+        "yaml", reason="PyYAML is not installed (pip install pyyaml); manifest structure unchecked")
+    docs = [d for d in yaml.safe_load_all((K8S / "trainer-pod.yaml").read_text()) if d is not None]
+    assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [("Job", "npyloader-trainer")]
+    return docs[0]
+
+
+def _run_as(pod: dict, c: dict) -> dict:
+    """The container's effective user settings: its own securityContext over the pod's."""
+    pod_sec = pod.get("securityContext", {})
+    own = c.get("securityContext", {})
+    return {k: own.get(k, pod_sec.get(k)) for k in ("runAsUser", "runAsGroup", "runAsNonRoot")}
+
+
+def test_trainer_pod_shares_a_memory_dev_shm_and_the_uid_with_its_loader_sidecar(trainer_job):
+    labels = trainer_job["spec"]["template"]["metadata"]["labels"]
+    assert trainer_job["metadata"]["labels"] == labels
+    pod = trainer_job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] in ("Never", "OnFailure"), "a Job's pod"
+    [loader] = pod["initContainers"]
+    [trainer] = pod["containers"]
+    assert loader["name"] == "loader" and trainer["name"] == "trainer"
+    # A native sidecar: started before the trainer, stopped after it, so the Job completes.
+    assert loader["restartPolicy"] == "Always"
+    assert loader["startupProbe"]["exec"]["command"] == STATS_PROBE, "the trainer starts once the loader answers"
+    assert "command" not in loader, "command would replace the image's ENTRYPOINT [npyloader]"
+
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    shm = {}
+    for c in (loader, trainer):
+        at = [m for m in c["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        assert len(at) == 1, f"{c['name']}: /dev/shm"
+        assert not at[0].get("readOnly") and not at[0].get("subPath"), f"{c['name']}: the whole volume, writable"
+        shm[c["name"]] = at[0]["name"]
+    assert shm["loader"] == shm["trainer"], "one /dev/shm for both containers"
+    emptydir = volumes[shm["loader"]]["emptyDir"]
+    assert emptydir["medium"] == "Memory"
+    assert quantity(loader["resources"]["limits"]["memory"]) > quantity(emptydir["sizeLimit"]), \
+        "the loader reserves the segments' pages: they count in its limit"
+
+    # One uid, the image's: the segments are mode 0600.
+    image_uid = int(re.search(r"^USER (\d+)", DOCKERFILE.read_text(), re.M).group(1))
+    users = {c["name"]: _run_as(pod, c) for c in (loader, trainer)}
+    assert users["loader"] == users["trainer"], users
+    assert users["loader"]["runAsUser"] == image_uid and users["loader"]["runAsNonRoot"] is True, users
+
+    data = [m for m in loader["volumeMounts"] if m["mountPath"] == "/data"]
+    assert data and data[0]["readOnly"] is True
+    assert volumes[data[0]["name"]]["persistentVolumeClaim"] == {"claimName": "npyloader-data", "readOnly": True}
+
+
+def test_trainer_pod_loader_serves_the_pod_only_with_local_workers(trainer_job):
+    """Loopback bind (the pod's network namespace is shared), local workers (only their batches are
+    in shared memory), arguments this checkout's CLI accepts; the trainer connects to loopback."""
+    from loader_server import cli
+
+    pod = trainer_job["spec"]["template"]["spec"]
+    [loader], [trainer] = pod["initContainers"], pod["containers"]
+    args = loader["args"]
+    parsed = cli._build_parser().parse_args(args)  # SystemExit (a failure) if the CLI rejects them
+    assert parsed.command == "serve" and parsed.config == "/data/loader.toml"
+    assert parsed.bind == "tcp://127.0.0.1:5555"
+    assert parsed.workers >= 1
+    assert parsed.worker_bind is None, "nothing outside the pod joins unless asked for"
+    assert {p["containerPort"] for p in loader.get("ports", [])} <= {9100}
+
+    command = trainer["command"]
+    assert command[:2] == ["python", "-c"] and len(command) == 3
+    compile(command[2], "trainer-pod.yaml trainer", "exec")
+    assert 'BatchStream("tcp://127.0.0.1:5555"' in command[2] and "stream.stats()" in command[2]
 
 
 # --- kubectl, offline ------------------------------------------------------------------------
@@ -214,7 +299,7 @@ def kubectl(*argv: str, tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 @needs_kubectl
-@pytest.mark.parametrize("name", MANIFESTS)
+@pytest.mark.parametrize("name", MANIFESTS + EXAMPLES)
 def test_kubectl_reads_each_manifest(name, tmp_path):
     r = kubectl("annotate", "--local", "--dry-run=client", "-o", "yaml", "-f", str(K8S / name),
                 "npyloader.test/checked=1", tmp_path=tmp_path)
