@@ -354,25 +354,32 @@ def test_drop_remainder_serves_only_full_batches_a_different_remainder_each_epoc
     assert dropped[0] != dropped[1], "each epoch drops the tail of its own permutation"
 
 
-def test_received_arrays_are_read_only_views_on_the_received_frames(start_server, id_dataset):
-    """README: arrays are read-only views on the received message, no copy. Each array must
-    refuse writes, and its chain of bases must end at the ZeroMQ frame's buffer with no array
-    that owns its data (a copy) on the way."""
+@pytest.mark.parametrize("transport", ["socket", "shm"])
+def test_received_arrays_are_read_only_views_on_the_received_frames(start_server, id_dataset, transport):
+    """README: arrays are read-only views, no copy: over the socket on the received message, on
+    the server's host on its shared memory. Each array must refuse writes, and its chain of bases
+    must end at the ZeroMQ frame's buffer, or at the read-only map of the server's segment, with
+    no array that owns its data (a copy) on the way."""
+    import mmap
+
     import zmq
 
     folder, _ = id_dataset
     server = start_server("--data", str(folder), "--label-column", "-1", "--batch-size", "16", workers=1)
-    with BatchStream(server.endpoint, timeout=60) as stream:
+    with BatchStream(server.endpoint, timeout=60, transport=transport) as stream:
         for batch in stream:
             for array in batch:
                 assert not array.flags.writeable, "a received array accepts writes"
                 with pytest.raises(ValueError, match="read-only"):
                     array[...] = 0
                 base = array
-                while isinstance(base, np.ndarray):
+                while isinstance(base, np.ndarray) or (isinstance(base, memoryview) and isinstance(base.obj, np.ndarray)):
+                    base = base.obj if isinstance(base, memoryview) else base
                     assert not base.flags.owndata, "a copy sits between the array and the message"
                     base = base.base
-                assert isinstance(base, memoryview) and isinstance(base.obj, zmq.Frame), (type(base), base)
+                source = zmq.Frame if transport == "socket" else mmap.mmap
+                assert isinstance(base, memoryview) and isinstance(base.obj, source), (type(base), base)
+                assert base.readonly
 
 
 def test_seed_picks_order_and_augmentation_and_the_same_seed_gives_the_same_bytes(start_server, tmp_path):

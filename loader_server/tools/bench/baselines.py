@@ -198,15 +198,28 @@ def tf_data_numpy_function(folder: Path, wl: Workload, workers: int) -> Baseline
 
 
 def _tf_rotation(wl: Workload) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]:
-    """Per-sample: a stateless coin from (epoch, sample id), then Keras's RandomRotation if it lands."""
+    """Per-sample and stateless: a coin and an angle from (epoch, sample id), then a bilinear
+    rotation about the centre (TensorFlow's own projective transform, as Keras's RandomRotation
+    uses). Nothing here depends on a global seed, so the pipeline is the same in any process."""
     rot = rotation_of(wl)
     if rot is None:
         return lambda x, epoch, sample_id: x
-    layer = keras.layers.RandomRotation(rot.degrees / 360, fill_mode="constant", interpolation="bilinear", seed=0)
+    side = float(wl.side - 1)
+
+    def rotate(x: tf.Tensor, angle: tf.Tensor) -> tf.Tensor:
+        cos, sin = tf.cos(angle), tf.sin(angle)
+        dx = (side - (cos * side - sin * side)) / 2
+        dy = (side - (sin * side + cos * side)) / 2
+        transform = tf.stack([cos, -sin, dx, sin, cos, dy, 0.0, 0.0])[None]
+        out = tf.raw_ops.ImageProjectiveTransformV3(
+            images=x[None, ..., None], transforms=transform, output_shape=tf.shape(x), fill_value=0.0,
+            interpolation="BILINEAR", fill_mode="CONSTANT")
+        return out[0, ..., 0]
 
     def augment(x: tf.Tensor, epoch: tf.Tensor, sample_id: tf.Tensor) -> tf.Tensor:
-        coin = tf.random.stateless_uniform([], seed=tf.stack([epoch, sample_id]))
-        return tf.cond(coin < rot.p, lambda: layer(x[..., None], training=True)[..., 0], lambda: x)
+        coin, turn = tf.unstack(tf.random.stateless_uniform([2], seed=tf.stack([epoch, sample_id])))
+        angle = (2 * turn - 1) * rot.degrees * np.pi / 180
+        return tf.cond(coin < rot.p, lambda: rotate(x, angle), lambda: x)
 
     return augment
 
@@ -231,6 +244,13 @@ def tf_data_pure(folder: Path, wl: Workload, workers: int) -> Baseline:
         data = tf.strings.substr(tf.io.read_file(path), header.offset, payload)
         return tf.reshape(tf.io.decode_raw(data, tf.float32, little_endian=True), header.shape)
 
+    def shuffled(ids: tf.Tensor, rows: tf.Tensor, epoch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """The whole epoch in a stateless order from `epoch`: a full per-sample shuffle, as a
+        buffer of every sample would give, that no global seed can change (`Dataset.shuffle`
+        with a tensor seed breaks once `tf.random.set_seed(0)` has run in the process)."""
+        order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(ids)[0]), seed=tf.stack([epoch, 0]))
+        return tf.gather(ids, order), tf.gather(rows, order)
+
     def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
         def split(sample_id: tf.Tensor, row: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
             x = tf.reshape(row[:-1], (wl.side, wl.side))
@@ -240,7 +260,9 @@ def tf_data_pure(folder: Path, wl: Workload, workers: int) -> Baseline:
                 .map(read_rows, num_parallel_calls=tf.data.AUTOTUNE)
                 .unbatch()
                 .enumerate()
-                .shuffle(wl.samples, seed=epoch)
+                .batch(wl.samples)
+                .map(lambda ids, rows: shuffled(ids, rows, epoch))
+                .unbatch()
                 .map(split, num_parallel_calls=tf.data.AUTOTUNE)
                 .batch(BATCH))
 
