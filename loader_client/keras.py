@@ -55,9 +55,9 @@ class RemoteSequence(keras.utils.PyDataset):
 
     `seq[i]` is batch i of the current epoch, `(x, y)` (or `x` for datasets without targets);
     the epoch starts at `epoch`, moves on after each pass Keras makes (`on_epoch_begin()`, then
-    `on_epoch_end()`), and `set_epoch()` sets it (`EpochSync` does, from Keras's own epoch
-    number). `shard=(rank, world)` gives each
-    of `world` trainers a disjoint slice of every epoch. `curve=(my.key_secret, server.key)`
+    `on_epoch_end()`: a subclass that overrides either calls `super()`), and `set_epoch()` sets
+    it (`EpochSync` does, from Keras's own epoch number). `shard=(rank, world)` gives each of
+    `world` trainers a disjoint slice of every epoch. `curve=(my.key_secret, server.key)`
     connects to a server secured with CURVE.
     """
 
