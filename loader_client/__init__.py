@@ -1,8 +1,8 @@
 """npyloader client: stream batches from an npyloader server into Keras or any Python loop.
 
 `import loader_client` needs only numpy, pyzmq and msgpack; Keras (and TensorFlow) load only
-when `RemoteSequence` or `DataWaitMonitor` is first used, so tools and tests can use
-`BatchStream` without them.
+when `RemoteSequence`, `EpochSync` or `DataWaitMonitor` is first used, so tools and tests can
+use `BatchStream` without them.
 """
 
 from typing import Any
@@ -10,7 +10,8 @@ from typing import Any
 from loader_client.shm import ShmUnavailable
 from loader_client.stream import BatchStream, ServerError, request_stats
 
-__all__ = ["BatchStream", "DataWaitMonitor", "RemoteSequence", "ServerError", "ShmUnavailable", "request_stats"]
+__all__ = ["BatchStream", "DataWaitMonitor", "EpochSync", "RemoteSequence", "ServerError", "ShmUnavailable",
+           "request_stats"]
 
 
 def __getattr__(name: str) -> Any:
@@ -18,6 +19,10 @@ def __getattr__(name: str) -> Any:
         from loader_client.keras import RemoteSequence
 
         return RemoteSequence
+    if name == "EpochSync":
+        from loader_client.keras import EpochSync
+
+        return EpochSync
     if name == "DataWaitMonitor":
         from loader_client.monitor import DataWaitMonitor
 

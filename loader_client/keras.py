@@ -10,6 +10,15 @@ Sequential reads (predict, evaluate, `as_tf_dataset`) also request ahead by inde
 The training process never forks: `use_multiprocessing=True` is refused, since the work it
 would move out of the process already happens in the server.
 
+Server epoch = Keras epoch. Keras never tells a PyDataset which epoch it is in: it calls
+`on_epoch_begin()`/`on_epoch_end()` around each pass, and also `on_epoch_end()` alone whenever
+it resets its iterator (before `fit` and `evaluate`, after reading two batches to learn the
+element spec). So the sequence counts only passes that began: `fit` from scratch reads server
+epoch k in Keras epoch k. A resumed `fit` (`initial_epoch=k`, `BackupAndRestore`) starts at k,
+which only the trainer's callbacks are told: `EpochSync` passes it on. Keras's adapter starts its
+loader threads before it calls `on_epoch_begin()`, so the epoch is always set before a pass
+(at the previous pass's end, or by the callback), never in `on_epoch_begin()` itself.
+
 On the server's host, batches are read from its shared memory (`transport="auto"`, see
 stream.py): `seq[i]` returns read-only views on a slot, valid for as long as anything refers
 to them. The prefetch depth then stays within the slots the server lends one client, so the
@@ -45,8 +54,10 @@ class RemoteSequence(keras.utils.PyDataset):
     """Batches of one dataset served at `url`; `len()` is the number of batches per epoch.
 
     `seq[i]` is batch i of the current epoch, `(x, y)` (or `x` for datasets without targets);
-    `on_epoch_end()` (Keras calls it) moves to the next epoch. `shard=(rank, world)` gives each
-    of `world` trainers a disjoint slice of every epoch. `curve=(my.key_secret, server.key)`
+    the epoch starts at `epoch`, moves on after each pass Keras makes (`on_epoch_begin()`, then
+    `on_epoch_end()`: a subclass that overrides either calls `super()`), and `set_epoch()` sets
+    it (`EpochSync` does, from Keras's own epoch number). `shard=(rank, world)` gives each of
+    `world` trainers a disjoint slice of every epoch. `curve=(my.key_secret, server.key)`
     connects to a server secured with CURVE.
     """
 
@@ -71,6 +82,7 @@ class RemoteSequence(keras.utils.PyDataset):
         self.url = url
         self.dataset = dataset
         self.epoch = epoch
+        self._in_pass = False
         self._last_index = -2
         self._run = 0
 
@@ -92,11 +104,26 @@ class RemoteSequence(keras.utils.PyDataset):
         batch = self._conn.get(self.epoch, index)
         return batch if len(batch) > 1 else batch[0]
 
+    def on_epoch_begin(self) -> None:
+        """Keras starts a pass over the current epoch; the loader threads may already be reading it."""
+        self._in_pass = True
+
     def on_epoch_end(self) -> None:
-        self.epoch += 1
+        """After a pass, the next epoch. Without one, this is Keras resetting its iterator before
+        `fit` or `evaluate` starts: the epoch stays, and the batches read to learn the element
+        spec are not counted in the pass that follows (it reads them again), for its tail's wait."""
+        if self._in_pass:
+            self._in_pass = False
+            self.set_epoch(self.epoch + 1)
+        else:
+            self._conn.restart_epoch(self.epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Read `epoch` from now on; batches of other epochs already asked for are cancelled."""
+        self.epoch = epoch
         self._last_index = -2
         self._run = 0
-        self._conn.cancel_other_epochs(self.epoch)
+        self._conn.cancel_other_epochs(epoch)
 
     def stats(self) -> dict[str, Any]:
         """How much data arrived and how (`transport`: "shm" or "socket"), and `wait_s`: the wall
@@ -118,7 +145,7 @@ class RemoteSequence(keras.utils.PyDataset):
         def one_epoch():
             for i in range(len(self)):
                 yield self[i]
-            self.on_epoch_end()
+            self.set_epoch(self.epoch + 1)
 
         return tf.data.Dataset.from_generator(one_epoch, output_signature=specs if len(specs) > 1 else specs[0])
 
@@ -130,3 +157,23 @@ class RemoteSequence(keras.utils.PyDataset):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class EpochSync(keras.callbacks.Callback):
+    """Points each sequence at Keras's epoch as it begins, so that server epoch = Keras epoch
+    also in a resumed run: `fit(initial_epoch=k)`, or `BackupAndRestore` after the trainer died.
+    A fresh sequence cannot know k otherwise, and would replay epoch 0's order and augmentation.
+
+    `model.fit(train, validation_data=val, initial_epoch=k, callbacks=[EpochSync(train, val)])`:
+    a validation sequence then reads server epoch k after training epoch k.
+    """
+
+    def __init__(self, *sequences: RemoteSequence) -> None:
+        if not sequences:
+            raise ValueError("EpochSync needs the RemoteSequence(s) whose epoch it sets")
+        super().__init__()
+        self.sequences = sequences
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        for seq in self.sequences:
+            seq.set_epoch(epoch)

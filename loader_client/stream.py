@@ -219,6 +219,12 @@ class Connection:
             self.wait_s += now - self._starved_since
             self._starved_since = None
 
+    def restart_epoch(self, epoch: int) -> None:
+        """A pass over `epoch` starts again from its first batch (Keras read a few before it, to
+        learn their shapes): count the batches left in it afresh, for the wait near its end."""
+        with self._cv:
+            self._returned.pop(epoch, None)
+
     def cancel_other_epochs(self, keep_epoch: int) -> None:
         """Forget batches of other epochs: the server drops them from its queue too."""
         with self._cv:

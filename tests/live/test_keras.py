@@ -1,9 +1,14 @@
-"""RemoteSequence under real Keras 3: fit with shuffled batch order, evaluate, predict, tf.data."""
+"""RemoteSequence under real Keras 3: fit with shuffled batch order, evaluate, predict, tf.data;
+server epoch = Keras epoch, also in a run resumed after its trainer was killed."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -12,7 +17,21 @@ import pytest
 
 keras = pytest.importorskip("keras", reason="needs the keras extra: pip install -e '.[keras]'")
 
-from loader_client import BatchStream, RemoteSequence  # noqa: E402
+from loader_client import BatchStream, EpochSync, RemoteSequence  # noqa: E402
+from tests.helpers import kill_group, launch, read_epoch, run_bounded, wait_for  # noqa: E402
+from tests.live.keras_trainer import (  # noqa: E402
+    BatchLog,
+    Entry,
+    RecordedSequence,
+    entry,
+    read_record,
+)
+
+TRAINER = Path(__file__).with_name("keras_trainer.py")
+REPO = Path(__file__).resolve().parents[2]
+TRAINER_TIMEOUT_S = 180
+# each sample's noise comes from (seed, epoch, sample id): every epoch is different bytes
+AUGMENT = ("--augment", "noise:std=0.5")
 
 
 class RecordingSequence(RemoteSequence):
@@ -24,6 +43,7 @@ class RecordingSequence(RemoteSequence):
         self._recording = False
 
     def on_epoch_begin(self):
+        super().on_epoch_begin()
         self.epochs.append([])
         self._recording = True
 
@@ -50,6 +70,11 @@ def ids_server(start_server, id_dataset, *extra):
     return start_server("--data", str(folder), "--label-column", "-1", "--batch-size", "16", *extra), n
 
 
+def served_ids(url: str, epoch: int) -> dict[int, list[int]]:
+    """{batch index: sample ids} of one server epoch, read with BatchStream."""
+    return {i: y.astype(int).tolist() for i, (_, y) in enumerate(read_epoch(url, epoch=epoch))}
+
+
 def test_fit_with_shuffled_batch_order_gets_every_batch_exactly_once(start_server, id_dataset):
     server, n = ids_server(start_server, id_dataset)
     with RecordingSequence(server.endpoint, timeout=30) as seq:
@@ -61,7 +86,9 @@ def test_fit_with_shuffled_batch_order_gets_every_batch_exactly_once(start_serve
             ids = sorted(sum((ids for _, ids in calls), []))
             assert ids == list(range(n)), "each sample exactly once"
         assert any([i for i, _ in calls] != list(range(13)) for calls in seq.epochs), "Keras shuffled the order"
-        assert seq.stats()["epoch"] == 4, "Keras's reset() calls on_epoch_end once before the first epoch"
+        for epoch, calls in enumerate(seq.epochs):
+            assert dict(calls) == served_ids(server.endpoint, epoch), f"Keras epoch {epoch} read server epoch {epoch}"
+        assert seq.stats()["epoch"] == 3, "Keras's reset before fit (an on_epoch_end alone) is not a pass"
 
 
 def test_seq_index_is_batch_index_of_the_servers_plan(start_server, id_dataset):
@@ -115,6 +142,21 @@ def test_predict_returns_batches_in_index_order(start_server, id_dataset):
     assert len(predicted) == n
 
 
+def test_evaluate_and_predict_each_read_one_server_epoch(start_server, id_dataset):
+    """Each pass reads every batch of one epoch once, then moves on; the order Keras hands them
+    on in is test_predict_returns_batches_in_index_order's (its loader threads finish out of order)."""
+    server, _ = ids_server(start_server, id_dataset)
+    with RecordingSequence(server.endpoint, timeout=30) as seq:
+        model = tiny_model()
+        model.evaluate(seq, verbose=0)
+        model.predict(seq, verbose=0)
+        assert seq.stats()["epoch"] == 2
+    assert len(seq.epochs) == 2
+    for epoch, calls in enumerate(seq.epochs):
+        assert sorted(i for i, _ in calls) == list(range(13)), "each batch index exactly once"
+        assert dict(calls) == served_ids(server.endpoint, epoch), f"pass {epoch} read server epoch {epoch}"
+
+
 def test_as_tf_dataset_has_the_right_element_spec_and_one_epoch_per_pass(start_server, id_dataset):
     import tensorflow as tf
 
@@ -127,6 +169,88 @@ def test_as_tf_dataset_has_the_right_element_spec_and_one_epoch_per_pass(start_s
             ids = sorted(int(v) for _, y in ds for v in y.numpy())
             assert ids == list(range(n))
         assert seq.stats()["epoch"] == 2
+
+
+def served_epochs(url: str, epochs: range) -> dict[int, dict[int, Entry]]:
+    """{epoch: {batch index: entry}} as BatchStream reads the server's epochs."""
+    return {e: {i: entry(batch) for i, batch in enumerate(read_epoch(url, epoch=e))} for e in epochs}
+
+
+def fit_recorded(url: str, folder: Path, **fit_kwargs: object) -> tuple[dict, dict]:
+    """fit a fresh model with EpochSync on a training and a validation sequence (the same
+    augmented, shuffled dataset); the record of each, {Keras epoch: {batch index: entry}}."""
+    folder.mkdir()
+    train_log, val_log = BatchLog(folder / "train.jsonl"), BatchLog(folder / "val.jsonl")
+    with RecordedSequence(url, train_log, timeout=30) as train, RecordedSequence(url, val_log, timeout=30) as val:
+        tiny_model().fit(train, validation_data=val, shuffle=True, verbose=0,
+                         callbacks=[EpochSync(train, val), train_log, val_log], **fit_kwargs)
+    return read_record(train_log.path), read_record(val_log.path)
+
+
+def test_fit_from_initial_epoch_reads_the_epochs_an_uninterrupted_run_reads(start_server, id_dataset, tmp_path):
+    server, _ = ids_server(start_server, id_dataset, *AUGMENT)
+    train, val = fit_recorded(server.endpoint, tmp_path / "whole", epochs=4)
+    served = served_epochs(server.endpoint, range(4))
+    assert train == served, "training: server epoch = Keras epoch, every batch of it"
+    assert val == served, "validation after Keras epoch k reads server epoch k"
+    assert len({frozenset(e.values()) for e in served.values()}) == 4, "every epoch is different bytes"
+    train_resumed, val_resumed = fit_recorded(server.endpoint, tmp_path / "resumed", epochs=4, initial_epoch=2)
+    assert train_resumed == {2: train[2], 3: train[3]}
+    assert val_resumed == {2: val[2], 3: val[3]}
+
+
+def trainer(url: str, record: Path, backup_dir: Path, *flags: str) -> list[str]:
+    return [sys.executable, str(TRAINER), url, str(record), str(backup_dir), *flags]
+
+
+def trainer_env() -> dict[str, str]:
+    """The trainer imports loader_client from this checkout, as the tests do."""
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def train_to_the_end(url: str, record: Path, backup_dir: Path) -> None:
+    done = run_bounded(trainer(url, record, backup_dir), TRAINER_TIMEOUT_S, env={**os.environ, **trainer_env()})
+    assert done.returncode == 0, f"the trainer failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+
+
+def train_until_killed_in(epoch: int, url: str, record: Path, backup_dir: Path, log_path: Path) -> None:
+    """Start the trainer, wait until it reads batches of Keras epoch `epoch` (it stalls a few
+    batches in, so it cannot have finished the epoch), and kill it with SIGKILL."""
+    proc = launch(trainer(url, record, backup_dir, "--stall-in-epoch", str(epoch)), log_path, trainer_env())
+    try:
+        def in_epoch() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"the trainer exited ({proc.returncode}) before epoch {epoch}:\n"
+                                     f"{log_path.read_text()[-4000:]}")
+            return epoch in read_record(record)
+
+        wait_for(in_epoch, TRAINER_TIMEOUT_S, f"the trainer to start Keras epoch {epoch}")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        kill_group(proc)
+
+
+def test_a_trainer_killed_mid_epoch_resumes_with_backup_and_restore_reading_the_same_batches(
+        start_server, id_dataset, tmp_path):
+    """A preempted trainer: killed in epoch 2 of fit(epochs=4), started again with the same
+    BackupAndRestore folder, it resumes at epoch 2 and reads, in each Keras epoch, exactly the
+    batches an uninterrupted run read there."""
+    server, _ = ids_server(start_server, id_dataset, *AUGMENT)
+    train_to_the_end(server.endpoint, tmp_path / "whole.jsonl", tmp_path / "whole-backup")
+    whole = read_record(tmp_path / "whole.jsonl")
+    assert whole == served_epochs(server.endpoint, range(4)), "server epoch = Keras epoch, every batch of it"
+
+    backup = tmp_path / "backup"
+    train_until_killed_in(2, server.endpoint, tmp_path / "killed.jsonl", backup, tmp_path / "killed.log")
+    assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 2, "backed up after epoch 1"
+    killed = read_record(tmp_path / "killed.jsonl")
+    assert {0: killed[0], 1: killed[1]} == {0: whole[0], 1: whole[1]}
+    assert killed[2].items() <= whole[2].items(), "the part of epoch 2 read before the kill"
+
+    train_to_the_end(server.endpoint, tmp_path / "resumed.jsonl", backup)
+    assert read_record(tmp_path / "resumed.jsonl") == {2: whole[2], 3: whole[3]}
 
 
 def test_use_multiprocessing_is_refused_with_the_reason(start_server, id_dataset):
