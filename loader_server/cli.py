@@ -17,6 +17,7 @@ from pathlib import Path
 from loader_client.security import ClientCurve, CurveKeyError
 from loader_server.config import (
     DEFAULT_BIND,
+    DEFAULT_TASK_TIMEOUT_S,
     LAYOUTS,
     ConfigError,
     DatasetConfig,
@@ -96,6 +97,13 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
                        help="on SIGTERM/SIGINT, deliver the batches workers are already building for at most "
                             "this long before stopping (default 10; a second signal stops at once)")
+    serve.add_argument("--task-timeout", type=float, default=None, metavar="SECONDS",
+                       help="a worker still building one batch after this long is taken as hung (an op stuck "
+                            "in C or looping keeps heartbeating): a local one is killed and replaced, and the "
+                            "batch redone elsewhere; 3 timeouts in a row fail the batch. Default "
+                            f"{DEFAULT_TASK_TIMEOUT_S:g}: fixed, not learnt from build times, so a batch that is "
+                            "slow every time is never killed for it. A client rides through a hang only if its "
+                            "timeout (30 s by default) exceeds this plus a batch: lower it for fast batches")
     serve.add_argument("--index-cache", metavar="DIR", type=Path, default=None,
                        help="where indexes of many-file datasets are cached (default ~/.cache/npyloader)")
     serve.add_argument("--no-index-cache", action="store_true", help="always read every file's header")
@@ -176,6 +184,7 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
     bind = args.bind or server.get("bind", DEFAULT_BIND)
     workers = args.workers if args.workers is not None else server.get("workers", default_workers())
     worker_bind = args.worker_bind or server.get("worker_bind")
+    task_timeout = server.get("task_timeout", DEFAULT_TASK_TIMEOUT_S) if args.task_timeout is None else args.task_timeout
     curve = None
     if args.curve_secret_key or args.authorized_keys:
         if not (args.curve_secret_key and args.authorized_keys):
@@ -188,7 +197,7 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
     index_cache = None if args.no_index_cache else (args.index_cache or default_dir())
     return ServeConfig(datasets=datasets, bind=bind, workers=workers, worker_bind=worker_bind,
                        heartbeat_s=args.heartbeat, client_timeout_s=args.client_timeout,
-                       drain_s=args.drain_timeout, metrics_port=args.metrics_port,
+                       drain_s=args.drain_timeout, task_timeout_s=task_timeout, metrics_port=args.metrics_port,
                        metrics_host=args.metrics_host, curve=curve,
                        index_cache=index_cache)
 

@@ -162,6 +162,9 @@ def server_families(s: dict[str, Any]) -> Iterator[Any]:
                  [([], w["respawns"])])
     yield family(CounterMetricFamily, "npyloader_requeued_batches",
                  "Batches redone because their worker died or went silent.", [], [([], w["requeued_batches"])])
+    yield family(CounterMetricFamily, "npyloader_timed_out_batches",
+                 "Batches whose worker was still building them past --task-timeout (each is redone, or "
+                 "failed after three in a row).", [], [([], w["timed_out_batches"])])
     yield family(CounterMetricFamily, "npyloader_failed_batches", "Batches that failed and were reported to clients.",
                  [], [([], s["failed_batches"])])
     yield family(CounterMetricFamily, "npyloader_rejected_messages", "Received messages refused by validation.",
