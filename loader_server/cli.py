@@ -22,6 +22,7 @@ from loader_server.config import (
     ConfigError,
     DatasetConfig,
     ServeConfig,
+    check_task_timeout,
     default_workers,
     load_toml,
     parse_shape,
@@ -117,6 +118,11 @@ def _build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--data-root", metavar="PATH",
                         help="where this machine keeps the data, if not at the server's paths")
     worker.add_argument("--heartbeat", type=float, default=1.0, metavar="SECONDS")
+    worker.add_argument("--task-timeout", type=float, default=DEFAULT_TASK_TIMEOUT_S, metavar="SECONDS",
+                        help="kill and restart a worker process still building one batch after this long (the "
+                             "server cannot kill a process on this host; it redoes the batch elsewhere after its "
+                             f"own --task-timeout and drops the late result). Default {DEFAULT_TASK_TIMEOUT_S:g}, "
+                             "as for serve")
     _metrics_flags(worker)
     _client_curve_flags(worker)
 
@@ -268,7 +274,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     if args.processes < 1:
         raise ConfigError(f"--processes must be at least 1, got {args.processes}")
-    spec = RemoteWorkerSpec(args.connect, args.data_root, args.heartbeat, os.getpid(), _client_curve(args))
+    check_task_timeout(args.task_timeout)
+    spec = RemoteWorkerSpec(args.connect, args.data_root, args.heartbeat, os.getpid(), _client_curve(args),
+                            task_timeout_s=args.task_timeout)
     metrics = (args.metrics_host, args.metrics_port) if args.metrics_port is not None else None
     return run_workers(spec, args.processes, metrics)
 

@@ -1,8 +1,9 @@
-"""A batch whose augment op hangs is bounded by --task-timeout: its worker still heartbeats, but
-past the timeout a local one is killed (a remote one, which the server cannot kill, has its
-batches given up) and the batch is redone elsewhere, delivered exactly once and byte-identical
-to a run without the hang; one that hangs every time fails after three timeouts, naming its
-files and the option to raise."""
+"""A batch whose augment op hangs is bounded by --task-timeout, though its worker still
+heartbeats: a local worker is killed by the server, a remote one by its own `npyloader worker`
+(the server, which cannot kill it, redoes its batches past its own timeout and drops the late
+result), and the batch is redone elsewhere, delivered exactly once and byte-identical to a run
+without the hang; one that hangs every time fails after three timeouts, naming its files and
+the option to raise."""
 
 from __future__ import annotations
 
@@ -73,6 +74,8 @@ HUNG_SAMPLE = 21  # not 0: the server runs the ops on sample 0 itself at startup
 WORKER_BIND = ("--worker-bind", "tcp://127.0.0.1:0")
 SERVER_TIMEOUT = re.compile(r"worker (\S+) \(pid \d+ on \S+\) timed out: still building batch (\d+) of epoch 0 "
                             r"of 'train' after ([\d.]+)s \(--task-timeout ([\d.]+)s\)")
+HOST_TIMEOUT = re.compile(r"worker process pid \d+ still building batch (\d+) of epoch 0 \(task \d+\) after "
+                          r"([\d.]+)s, past --task-timeout ([\d.]+)s: killing it")
 
 
 def op_args(folder: Path, module: str, op: str, sample: int, marker: Path, *extra: str) -> tuple[str, ...]:
@@ -174,6 +177,31 @@ def test_a_batch_that_hangs_every_time_fails_after_three_timeouts_naming_its_fil
     wait_for(lambda: value(scrape(metrics_url(server.log())), "npyloader_timed_out_batches_total") == 3, 10,
              "three timeouts in the metrics")
     wait_for(lambda: len(server.workers()) == 2, 30, "two live workers again")
+
+
+def test_a_remote_worker_hanging_once_is_killed_by_its_host_and_the_epoch_completes_exactly_once(
+        start_server, start_worker, augment_package, id_dataset, tmp_path):
+    """The server, whose own timeout is the default, hears no more from the killed process and
+    redoes the batch; `npyloader worker` starts another process."""
+    folder, n = id_dataset
+    module = augment_package("hangpkg", HANG_OPS)
+    expected = clean_epoch(start_server, folder, module, "sleep_once", tmp_path)
+    marker = tmp_path / "hung"
+    server = start_server(*op_args(folder, module, "sleep_once", HUNG_SAMPLE, marker), *WORKER_BIND,
+                          "--heartbeat", "0.5", workers=0)
+    worker = start_worker(server.worker_endpoint, "--task-timeout", "2", "--heartbeat", "0.5",
+                          "--metrics-port", "0", "--metrics-host", "127.0.0.1", processes=2)
+    wait_for(lambda: request_stats(server.endpoint)["workers"]["ready"] == 2, 60, "two remote workers")
+    got = read_epoch(server.endpoint, timeout=60)
+    assert marker.exists(), "the op did hang once"
+    stats = request_stats(server.endpoint)
+    assert_served_once(got, expected, n, stats)
+    assert stats["workers"]["timed_out_batches"] == 0 and stats["workers"]["requeued_batches"] >= 1, stats
+    found = HOST_TIMEOUT.search(worker.log())
+    assert found, worker.log()[-3000:]
+    assert int(found.group(1)) == hung_batch(got) and found.group(3) == "2" and 2 <= float(found.group(2)) < 4
+    assert value(scrape(metrics_url(worker.log())), "npyloader_remote_timed_out_batches_total") == 1
+    wait_for(lambda: len(worker.pids()) == 2, 30, "the worker command to replace its killed process")
 
 
 def test_a_remote_batch_past_the_servers_timeout_is_redone_and_its_late_result_dropped(

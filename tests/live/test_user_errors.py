@@ -136,14 +136,16 @@ def test_endpoint_in_use(good):
         sock.close(0)
 
 
-@pytest.mark.parametrize("where", ["serve flag", "server table"])
+@pytest.mark.parametrize("where", ["serve flag", "server table", "worker flag"])
 def test_task_timeout_that_is_not_positive(good, tmp_path, where):
     if where == "serve flag":
         result = serve("--data", str(good), "--label-column", "-1", "--task-timeout", "0")
-    else:
+    elif where == "server table":
         cfg = tmp_path / "loader.toml"
         cfg.write_text(f'[server]\ntask_timeout = -5\n\n[datasets.train]\ndata = "{good}/*.npy"\n')
         result = serve("--config", str(cfg))
+    else:
+        result = run("worker", "--connect", f"tcp://127.0.0.1:{free_port()}", "--task-timeout", "0")
     assert_user_error(result, "--task-timeout", "positive")
 
 
