@@ -22,7 +22,7 @@ MIN_CLIENT_TIMEOUT_S = 3.0
 # A fixed bound, not one derived from observed build times: a batch that is slow every time it
 # is built (a huge sample, a cold network disk) would be killed three times in a row and failed
 # by a bound that adapts to the usual, fast batches; a fixed one is also one number a user can
-# reason about. Generous, since a false kill costs a good batch and a slow one costs only time.
+# reason about. Generous, since a false kill can cost a good batch, and a late one only time.
 DEFAULT_TASK_TIMEOUT_S = 300.0
 
 
