@@ -28,7 +28,7 @@ def render(endpoint: str, s: Stats) -> list[str]:
              if dt else "rates since start")
     w = s["workers"]
     lines = [head, f"workers {w['alive']} alive, {w['ready']} ready, {w['respawns']} respawned, "
-                   f"{w['requeued_batches']} batches requeued"]
+                   f"{w['requeued_batches']} batches requeued, {w.get('timed_out_batches', 0)} timed out"]
     if s.get("rejected"):
         lines.append("rejected messages: " + ", ".join(f"{k} {v}" for k, v in s["rejected"].items()))
     clients_of: dict[str, list[dict[str, Any]]] = {}

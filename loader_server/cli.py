@@ -17,10 +17,12 @@ from pathlib import Path
 from loader_client.security import ClientCurve, CurveKeyError
 from loader_server.config import (
     DEFAULT_BIND,
+    DEFAULT_TASK_TIMEOUT_S,
     LAYOUTS,
     ConfigError,
     DatasetConfig,
     ServeConfig,
+    check_task_timeout,
     default_workers,
     load_toml,
     parse_shape,
@@ -96,6 +98,13 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-timeout", type=float, default=10.0, metavar="SECONDS",
                        help="on SIGTERM/SIGINT, deliver the batches workers are already building for at most "
                             "this long before stopping (default 10; a second signal stops at once)")
+    serve.add_argument("--task-timeout", type=float, default=None, metavar="SECONDS",
+                       help="a worker still building one batch after this long is taken as hung (an op stuck "
+                            "in C or looping keeps heartbeating): a local one is killed and replaced, and the "
+                            "batch redone elsewhere; 3 timeouts in a row fail the batch. Default "
+                            f"{DEFAULT_TASK_TIMEOUT_S:g}: fixed, not learnt from build times, so a batch that is "
+                            "slow every time is never killed for it. A client rides through a hang only if its "
+                            "timeout (30 s by default) exceeds this plus a batch: lower it for fast batches")
     serve.add_argument("--index-cache", metavar="DIR", type=Path, default=None,
                        help="where indexes of many-file datasets are cached (default ~/.cache/npyloader)")
     serve.add_argument("--no-index-cache", action="store_true", help="always read every file's header")
@@ -109,6 +118,11 @@ def _build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--data-root", metavar="PATH",
                         help="where this machine keeps the data, if not at the server's paths")
     worker.add_argument("--heartbeat", type=float, default=1.0, metavar="SECONDS")
+    worker.add_argument("--task-timeout", type=float, default=DEFAULT_TASK_TIMEOUT_S, metavar="SECONDS",
+                        help="kill and restart a worker process still building one batch after this long (the "
+                             "server cannot kill a process on this host; it redoes the batch elsewhere after its "
+                             f"own --task-timeout and drops the late result). Default {DEFAULT_TASK_TIMEOUT_S:g}, "
+                             "as for serve")
     _metrics_flags(worker)
     _client_curve_flags(worker)
 
@@ -176,6 +190,7 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
     bind = args.bind or server.get("bind", DEFAULT_BIND)
     workers = args.workers if args.workers is not None else server.get("workers", default_workers())
     worker_bind = args.worker_bind or server.get("worker_bind")
+    task_timeout = server.get("task_timeout", DEFAULT_TASK_TIMEOUT_S) if args.task_timeout is None else args.task_timeout
     curve = None
     if args.curve_secret_key or args.authorized_keys:
         if not (args.curve_secret_key and args.authorized_keys):
@@ -188,7 +203,7 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
     index_cache = None if args.no_index_cache else (args.index_cache or default_dir())
     return ServeConfig(datasets=datasets, bind=bind, workers=workers, worker_bind=worker_bind,
                        heartbeat_s=args.heartbeat, client_timeout_s=args.client_timeout,
-                       drain_s=args.drain_timeout, metrics_port=args.metrics_port,
+                       drain_s=args.drain_timeout, task_timeout_s=task_timeout, metrics_port=args.metrics_port,
                        metrics_host=args.metrics_host, curve=curve,
                        index_cache=index_cache)
 
@@ -259,7 +274,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     if args.processes < 1:
         raise ConfigError(f"--processes must be at least 1, got {args.processes}")
-    spec = RemoteWorkerSpec(args.connect, args.data_root, args.heartbeat, os.getpid(), _client_curve(args))
+    check_task_timeout(args.task_timeout)
+    spec = RemoteWorkerSpec(args.connect, args.data_root, args.heartbeat, os.getpid(), _client_curve(args),
+                            task_timeout_s=args.task_timeout)
     metrics = (args.metrics_host, args.metrics_port) if args.metrics_port is not None else None
     return run_workers(spec, args.processes, metrics)
 

@@ -19,6 +19,11 @@ LAYOUTS = ("combined", "paired", "per-sample")
 BAD_FILE_POLICIES = ("error", "skip")
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 MIN_CLIENT_TIMEOUT_S = 3.0
+# A fixed bound, not one derived from observed build times: a batch that is slow every time it
+# is built (a huge sample, a cold network disk) would be killed three times in a row and failed
+# by a bound that adapts to the usual, fast batches; a fixed one is also one number a user can
+# reason about. Generous, since a false kill can cost a good batch, and a late one only time.
+DEFAULT_TASK_TIMEOUT_S = 300.0
 
 
 class ConfigError(ValueError):
@@ -91,6 +96,7 @@ class ServeConfig:
     heartbeat_s: float = 1.0
     client_timeout_s: float = 60.0
     drain_s: float = 10.0
+    task_timeout_s: float = DEFAULT_TASK_TIMEOUT_S
     metrics_port: int | None = None
     metrics_host: str = "0.0.0.0"
     curve: ServerCurve | None = None
@@ -113,9 +119,17 @@ class ServeConfig:
             raise ConfigError(f"--metrics-port must be a port number (0 picks a free one), got {self.metrics_port}")
         if self.drain_s < 0:
             raise ConfigError(f"--drain-timeout must be 0 or more seconds, got {self.drain_s:g}")
+        check_task_timeout(self.task_timeout_s)
         if self.client_timeout_s < MIN_CLIENT_TIMEOUT_S:
             raise ConfigError(f"--client-timeout must be at least {MIN_CLIENT_TIMEOUT_S:g} s (waiting clients ping "
                               f"every second), got {self.client_timeout_s:g}")
+
+
+def check_task_timeout(seconds: float) -> None:
+    """Shared by `serve` and `worker`, which both bound how long one batch may take."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:  # NaN too
+        raise ConfigError(f"--task-timeout must be a positive number of seconds, got {seconds!r}; a batch "
+                          "that may legitimately take very long needs a large value, not none")
 
 
 def parse_shape(text: str, option: str = "--x-shape") -> tuple[int, ...]:

@@ -162,6 +162,9 @@ def server_families(s: dict[str, Any]) -> Iterator[Any]:
                  [([], w["respawns"])])
     yield family(CounterMetricFamily, "npyloader_requeued_batches",
                  "Batches redone because their worker died or went silent.", [], [([], w["requeued_batches"])])
+    yield family(CounterMetricFamily, "npyloader_timed_out_batches",
+                 "Batches whose worker was still building them past --task-timeout (each is redone, or "
+                 "failed after three in a row).", [], [([], w["timed_out_batches"])])
     yield family(CounterMetricFamily, "npyloader_failed_batches", "Batches that failed and were reported to clients.",
                  [], [([], s["failed_batches"])])
     yield family(CounterMetricFamily, "npyloader_rejected_messages", "Received messages refused by validation.",
@@ -206,7 +209,7 @@ def start_exporter(port: int, host: str, collector: SnapshotCollector, what: str
 
 # -- a remote worker host (`npyloader worker --metrics-port`) ------------------------------------
 
-SHARED_FIELDS = ("batches", "failed", "busy_s", "read_s", "augment_s", "sessions")
+SHARED_FIELDS = ("batches", "failed", "busy_s", "read_s", "augment_s", "sessions", "timed_out")
 
 
 class SharedCounters:
@@ -246,6 +249,8 @@ def worker_families(s: dict[str, Any]) -> Iterator[Any]:
     yield one(CounterMetricFamily, "npyloader_remote_batches_built", "Batches built and sent to the server.",
               s["batches"])
     yield one(CounterMetricFamily, "npyloader_remote_failed_batches", "Batches that failed to build.", s["failed"])
+    yield one(CounterMetricFamily, "npyloader_remote_timed_out_batches",
+              "Worker processes killed for building one batch past this host's --task-timeout.", s["timed_out"])
     yield one(CounterMetricFamily, "npyloader_remote_busy_seconds", "Time spent building batches.", s["busy_s"])
     stages = CounterMetricFamily("npyloader_remote_build_seconds", "Build time by stage.", labels=["stage"])
     stages.add_metric(["read"], s["read_s"])

@@ -16,6 +16,14 @@ and the broker forwards those very frames. A worker that dies, or stays silent p
 heartbeat timeout, has its batches put back at the front of their clients' queues: they are
 redone, never lost and never sent twice. A silent local worker is killed before its slots
 are reused, so a stopped process that wakes up cannot write into another batch.
+
+Heartbeats come from a worker's socket thread, so a worker whose augment op hangs (in C, or
+looping in Python) still looks alive. So each worker's current batch is timed, from when the
+worker could start it (its previous one ended, or it was given the batch while idle), never
+counting the time it waited in the worker's queue; past --task-timeout a local worker is killed
+and its batches redone, and a remote one, which only its own host can kill, has its batches
+redone elsewhere and gets no more until it has finished the ones it held, whose late results
+are dropped.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from typing import Any
 import zmq
 
 from loader_client import protocol
+from loader_server.config import DEFAULT_TASK_TIMEOUT_S
 from loader_server.data.index import DatasetIndex
 from loader_server.data.sampler import Plan
 from loader_server.metrics import DatasetCounters
@@ -106,6 +115,11 @@ class Worker:
     capacity: int
     worker_id: int | None = None
     tasks: dict[int, Task] = field(default_factory=dict)
+    # When its oldest task (the one it builds: a worker builds in order) could start: when its
+    # previous task ended, or when it was given this one while idle.
+    building_since: float = 0.0
+    # A remote worker's tasks redone elsewhere past the task timeout, which it still holds.
+    abandoned: dict[int, Task] = field(default_factory=dict)
     batches: int = 0
     busy_s: float = 0.0
     since: float = field(default_factory=time.monotonic)
@@ -117,13 +131,15 @@ class Worker:
 
     @property
     def free(self) -> int:
-        return self.capacity - len(self.tasks)
+        """Room for more tasks; none while it holds abandoned ones, as a new one would wait behind them."""
+        return 0 if self.abandoned else self.capacity - len(self.tasks)
 
 
 class Broker:
     def __init__(self, datasets: dict[str, ServedDataset], clients_sock: zmq.Socket, workers_sock: zmq.Socket,
                  pool: LocalPool, setup: dict[str, Any] | None, heartbeat_s: float = 1.0,
-                 client_timeout_s: float = 60.0, remote_sock: zmq.Socket | None = None) -> None:
+                 client_timeout_s: float = 60.0, remote_sock: zmq.Socket | None = None,
+                 task_timeout_s: float = DEFAULT_TASK_TIMEOUT_S) -> None:
         self.datasets = datasets
         self.csock = clients_sock
         self.wsock = workers_sock  # local workers: ipc in a private folder
@@ -133,6 +149,7 @@ class Broker:
         self.setup = protocol.encode("setup", {**setup, "heartbeat_s": heartbeat_s}) if setup else None
         self.heartbeat_s = heartbeat_s
         self.client_timeout_s = client_timeout_s
+        self.task_timeout_s = task_timeout_s
         self.clients: dict[bytes, Client] = {}
         self.workers: dict[bytes, Worker] = {}
         self._runnable: deque[bytes] = deque()
@@ -145,6 +162,7 @@ class Broker:
         self.bytes_sent = 0
         self.requeued = 0
         self.failed = 0
+        self.timed_out = 0
         self.startup_s = 0.0
         # The stats as of a moment ago, for readers in other threads (the metrics exporter);
         # refreshed every `publish_s` seconds when set.
@@ -431,9 +449,9 @@ class Broker:
         log.info("worker %s (pid %d on %s) ready", worker.name, worker.pid, worker.host)
 
     def _worker_done(self, identity: bytes, msg: protocol.Message, array_frames: list[zmq.Frame]) -> None:
-        worker = self._registered(identity)
-        if worker is None or (task := worker.tasks.pop(msg["task"], None)) is None:
-            return  # a batch already requeued when its worker was declared dead
+        if (ended := self._ended(identity, msg["task"])) is None:
+            return
+        worker, task = ended
         worker.batches += 1
         worker.busy_s += msg["busy_s"]
         task.dataset.counters.built(msg["busy_s"], msg.get("read_s", 0.0), msg.get("augment_s", 0.0))
@@ -443,13 +461,27 @@ class Broker:
             self._deliver(task, msg["rows"])
 
     def _worker_failed(self, identity: bytes, msg: protocol.Message, array_frames: list[zmq.Frame]) -> None:
-        worker = self._registered(identity)
-        if worker is None or (task := worker.tasks.pop(msg["task"], None)) is None:
-            return  # a batch already requeued when its worker was declared dead
+        if (ended := self._ended(identity, msg["task"])) is None:
+            return
+        worker, task = ended
         problem = f"worker {worker.name} failed: {msg['message']}"
         # the traceback is in the worker's own log, which for a remote worker is on another host
         log.warning("batch %d of epoch %d of '%s' failed: %s", task.index, task.epoch, task.dataset.name, problem)
         self._fail(task, problem, msg.get("traceback"))
+
+    def _ended(self, identity: bytes, task_id: int) -> tuple[Worker, Task] | None:
+        """The worker and its task that ended, which starts the clock of its next task. None for
+        a task already redone: requeued when its worker was declared dead, or abandoned past the
+        task timeout; its late result is dropped, so no batch is ever delivered twice."""
+        worker = self._registered(identity)
+        if worker is None:
+            return None
+        worker.building_since = time.monotonic()
+        task = worker.tasks.pop(task_id, None)
+        if task is None and (late := worker.abandoned.pop(task_id, None)) is not None:
+            log.info("worker %s finished batch %d of epoch %d of '%s' after it was redone elsewhere; "
+                     "dropped its result", worker.name, late.index, late.epoch, late.dataset.name)
+        return None if task is None else (worker, task)
 
     # -- dispatching and delivering ----------------------------------------------------------
 
@@ -474,6 +506,8 @@ class Broker:
             epoch, index = client.pending.popleft()
             self._task_ids += 1
             task = Task(self._task_ids, identity, client.dataset, epoch, index, slot, worker.identity)
+            if not worker.tasks:  # idle, it starts at once; otherwise when the one before it ends
+                worker.building_since = time.monotonic()
             worker.tasks[task.id] = task
             fields = {"task": task.id, "dataset": client.dataset.name, "epoch": epoch, "index": index,
                       "shard": [client.plan.rank, client.plan.world] if client.plan.world > 1 else None}
@@ -493,7 +527,7 @@ class Broker:
         that stops reading pins a bounded amount of server memory, not its whole credit."""
         slots = client.dataset.slots
         relay_limit = RELAY_QUEUE + sum(w.capacity for w in self.workers.values() if not w.local)
-        for worker in sorted(self.workers.values(), key=lambda w: len(w.tasks) / w.capacity):
+        for worker in sorted(self.workers.values(), key=lambda w: -w.free / w.capacity):
             if worker.free <= 0:
                 break
             if not worker.local:
@@ -641,11 +675,35 @@ class Broker:
         for worker in list(self.workers.values()):
             silent = now - worker.last_seen
             if silent > SILENCE_BEATS * self.heartbeat_s:
+                self._kill(worker)
                 self._remove_worker(worker, f"went silent for {silent:.1f}s")
-                if worker.local and worker.worker_id is not None:
-                    self.pool.kill(worker.worker_id)
+            elif worker.tasks and now - worker.building_since > self.task_timeout_s:
+                self._time_out(worker, now - worker.building_since)
             else:
                 self._send_worker(worker.identity, beat)
+
+    def _kill(self, worker: Worker) -> None:
+        """SIGKILL a hung local worker before its batches are redone, so that it cannot write
+        into a slot once that is reused; the pool then starts a replacement."""
+        if worker.local and worker.worker_id is not None:
+            self.pool.kill(worker.worker_id)
+
+    def _time_out(self, worker: Worker, elapsed: float) -> None:
+        """A worker still building one batch past --task-timeout: hung in an op that lets its
+        heartbeats through. A local one is killed and its batches redone, as a dead worker's. A
+        remote one cannot be killed from here (its `npyloader worker` kills it past its own
+        timeout): its batches are redone elsewhere and it is given nothing more until it has
+        finished them, so that no new batch waits behind the hung one."""
+        building = worker.tasks[min(worker.tasks)]
+        why = (f"timed out: still building batch {building.index} of epoch {building.epoch} of "
+               f"'{building.dataset.name}' after {elapsed:.1f}s (--task-timeout {self.task_timeout_s:g}s)")
+        self.timed_out += 1
+        if worker.local:
+            self._kill(worker)
+            self._remove_worker(worker, why, hung=True)
+        else:
+            worker.abandoned.update(worker.tasks)
+            self._requeue(worker, why, hung=True)
 
     def _forget_silent_clients(self, now: float) -> None:
         """A client waiting for batches pings every second, so one silent this long has vanished.
@@ -659,41 +717,55 @@ class Broker:
         if worker is not None:
             self._remove_worker(worker, _exit_reason(code))
 
-    def _remove_worker(self, worker: Worker, why: str) -> None:
+    def _remove_worker(self, worker: Worker, why: str, hung: bool = False) -> None:
         self.workers.pop(worker.identity, None)
-        self._requeue(worker, why)
+        self._requeue(worker, why, hung)
 
-    def _requeue(self, worker: Worker, why: str) -> None:
+    def _requeue(self, worker: Worker, why: str, hung: bool = False) -> None:
         """Put a lost worker's batches back at the front of their queues. The oldest is the one
-        it was building (a worker builds in order); if that batch has now taken down
-        MAX_BATCH_CRASHES workers, it is failed instead of killing workers forever."""
+        it was building (a worker builds in order), and the only one its loss counts against;
+        `hung` says the worker timed out rather than died."""
         building = min(worker.tasks, default=None)
         for task in sorted(worker.tasks.values(), key=lambda t: -t.id):
-            client = self.clients.get(task.client)
-            key = (task.epoch, task.index)
-            if client is None or key not in client.wanted:
-                self._release(task)
-                continue
-            if task.id == building:
-                client.crashes[key] += 1
-                if client.crashes[key] >= MAX_BATCH_CRASHES:
-                    self._give_up(task, client, f"worker {worker.name} {why}")
-                    continue
-            self._release(task)
-            client.pending.appendleft(key)
-            self._mark_runnable(task.client)
-            self.requeued += 1
+            self._redo(task, f"worker {worker.name} {why}" if task.id == building else None, hung)
         log.warning("worker %s (pid %d on %s) %s; redoing its %d batch(es)",
                     worker.name, worker.pid, worker.host, why, len(worker.tasks))
         worker.tasks.clear()
 
-    def _give_up(self, task: Task, client: Client, last: str) -> None:
+    def _redo(self, task: Task, lost: str | None, hung: bool) -> None:
+        """Put one batch back at the front of its client's queue. `lost` says how the worker
+        building it was lost; a batch lost that way by MAX_BATCH_CRASHES workers in a row is
+        failed instead, rather than killing workers forever."""
+        client = self.clients.get(task.client)
+        key = (task.epoch, task.index)
+        if client is None or key not in client.wanted:
+            self._release(task)
+            return
+        if lost is not None:
+            client.crashes[key] += 1
+            if client.crashes[key] >= MAX_BATCH_CRASHES:
+                self._give_up(task, client, lost, hung)
+                return
+        self._release(task)
+        client.pending.appendleft(key)
+        self._mark_runnable(task.client)
+        self.requeued += 1
+
+    def _give_up(self, task: Task, client: Client, last: str, hung: bool) -> None:
+        """Fail a batch that keeps losing its workers, naming its files, and what to change:
+        a crash points at the data or an op; a timeout at a hang, or at --task-timeout."""
         samples = client.plan.batch(task.epoch, task.index)
         files = task.dataset.index.files_of(samples)
         shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
-        problem = (f"batch {task.index} of epoch {task.epoch} of '{task.dataset.name}' took down "
-                   f"{MAX_BATCH_CRASHES} workers in a row (last: {last}); a sample in it may crash the "
-                   f"reader or an augment op, or its file may be unreadable: {shown}")
+        where = f"batch {task.index} of epoch {task.epoch} of '{task.dataset.name}'"
+        if hung:
+            problem = (f"{where} was lost by {MAX_BATCH_CRASHES} workers in a row (last: {last}); a read or an "
+                       f"augment op may hang on a sample in it, or it takes longer than that to build: if it is "
+                       f"only slow, raise --task-timeout (of `npyloader serve`, and of `npyloader worker` for "
+                       f"remote workers). Its files: {shown}")
+        else:
+            problem = (f"{where} took down {MAX_BATCH_CRASHES} workers in a row (last: {last}); a sample in it "
+                       f"may crash the reader or an augment op, or its file may be unreadable: {shown}")
         log.error("%s; failing it instead of retrying", problem)
         self._fail(task, problem)
 
@@ -758,6 +830,7 @@ class Broker:
             "workers": {
                 "alive": self.pool.alive() + sum(not w.local for w in self.workers.values()),
                 "ready": len(self.workers), "respawns": self.pool.respawns, "requeued_batches": self.requeued,
+                "timed_out_batches": self.timed_out,
                 "list": [_worker_stats(w, now) for w in self.workers.values()],
             },
             "clients": [{"id": c.identity.hex(), "dataset": c.dataset.name, "batches": c.batches,

@@ -154,7 +154,7 @@ class Server:
         parent = os.getpid()
         self._pool.provide(lambda wid: WorkerSpec(wid, worker_endpoint, worker_datasets, parent, cfg.heartbeat_s))
         self.broker = Broker(self._datasets, self._csock, self._wsock, self._pool, setup, cfg.heartbeat_s,
-                             cfg.client_timeout_s, self._rsock)
+                             cfg.client_timeout_s, self._rsock, cfg.task_timeout_s)
         self.broker.startup_s = time.monotonic() - self._started
         if cfg.metrics_port is not None:
             self.broker.publish_s = PUBLISH_S

@@ -2,7 +2,9 @@
 
 A remote worker joins, receives the datasets' description (`data/manifest.py`), indexes its
 own copy of the files, proves it sees the same data, then builds batches as a local worker
-does and sends them inline; whenever the server goes quiet or restarts, it joins again.
+does and sends them inline; whenever the server goes quiet or restarts, it joins again. The
+`npyloader worker` command supervises them: it restarts one that dies, and kills one still
+building a batch past --task-timeout (`watchdog.py`), which the server cannot do from afar.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import zmq
 
 from loader_client import protocol
 from loader_client.security import ClientCurve
-from loader_server.config import ConfigError
+from loader_server.config import DEFAULT_TASK_TIMEOUT_S, ConfigError
 from loader_server.data.index import DatasetError
 from loader_server.data.index_cache import default_dir, load_or_build
 from loader_server.data.manifest import DataMismatch, check_same_data, local_config
@@ -40,6 +42,7 @@ from loader_server.worker.loop import (
     WorkerDataset,
     WorkerLoop,
 )
+from loader_server.worker.watchdog import TaskClock, Watchdog, timed
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,8 @@ class RemoteWorkerSpec:
     parent_pid: int
     curve: ClientCurve | None = None
     counters: SharedCounters | None = None
+    task_timeout_s: float = DEFAULT_TASK_TIMEOUT_S
+    clock: TaskClock | None = None  # this process's, read by the supervisor's watchdog
 
 
 REFUSED_EXIT = 3
@@ -106,7 +111,8 @@ def _serve_one_session(ctx: zmq.Context, spec: RemoteWorkerSpec, orphaned: Calla
             else:
                 restart.set()
 
-        loop = WorkerLoop(ctx, sock, runner, join, spec.heartbeat_s, on_setup)
+        build = runner if spec.clock is None else timed(runner, spec.clock)
+        loop = WorkerLoop(ctx, sock, build, join, spec.heartbeat_s, on_setup)
 
         sock.send_multipart(ready)
         log.info("serving %s for %s", ", ".join(datasets), spec.connect)
@@ -170,9 +176,11 @@ def run_workers(spec: RemoteWorkerSpec, processes: int, metrics: tuple[str, int]
     `metrics` (host, port) serves this host's counters to Prometheus."""
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    counters = SharedCounters(mp.get_context("spawn")) if metrics else None
+    ctx = mp.get_context("spawn")
+    counters = SharedCounters(ctx) if metrics else None
+    watchdog = Watchdog(ctx, spec.task_timeout_s, counters)
     spec = replace(spec, counters=counters)
-    pool = LocalPool(lambda _: spec, processes, target=run_remote_worker)
+    pool = LocalPool(lambda wid: replace(spec, clock=watchdog.clock_for(wid)), processes, target=run_remote_worker)
     log.info("%d worker process(es) joining %s", processes, spec.connect)
     latest: dict[str, Any] = {}
     exporter = None
@@ -181,10 +189,12 @@ def run_workers(spec: RemoteWorkerSpec, processes: int, metrics: tuple[str, int]
             collector = SnapshotCollector(lambda: latest.get("now"), worker_families)
             exporter = start_exporter(metrics[1], metrics[0], collector, "worker")
         while not stop.wait(0.2):
-            for _, code in pool.reap():
+            for wid, code in pool.reap():
+                watchdog.forget(wid)
                 if code == REFUSED_EXIT:
                     log.error("this machine's data differs from the server's (see above); stopping")
                     return 2
+            watchdog.check(pool.kill)
             if counters is not None:
                 latest["now"] = {**counters.snapshot(), "alive": pool.alive(), "respawns": pool.respawns,
                                  "server": spec.connect, "host": socket.gethostname()}

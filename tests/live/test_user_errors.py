@@ -136,6 +136,19 @@ def test_endpoint_in_use(good):
         sock.close(0)
 
 
+@pytest.mark.parametrize("where", ["serve flag", "server table", "worker flag"])
+def test_task_timeout_that_is_not_positive(good, tmp_path, where):
+    if where == "serve flag":
+        result = serve("--data", str(good), "--label-column", "-1", "--task-timeout", "0")
+    elif where == "server table":
+        cfg = tmp_path / "loader.toml"
+        cfg.write_text(f'[server]\ntask_timeout = -5\n\n[datasets.train]\ndata = "{good}/*.npy"\n')
+        result = serve("--config", str(cfg))
+    else:
+        result = run("worker", "--connect", f"tcp://127.0.0.1:{free_port()}", "--task-timeout", "0")
+    assert_user_error(result, "--task-timeout", "positive")
+
+
 def test_config_file_missing(tmp_path):
     missing = tmp_path / "missing.toml"
     assert_user_error(serve("--config", str(missing)), "--config", str(missing))
