@@ -103,8 +103,9 @@ def _build_parser() -> argparse.ArgumentParser:
                             "in C or looping keeps heartbeating): a local one is killed and replaced, and the "
                             "batch redone elsewhere; 3 timeouts in a row fail the batch. Default "
                             f"{DEFAULT_TASK_TIMEOUT_S:g}: fixed, not learnt from build times, so a batch that is "
-                            "slow every time is never killed for it. A client rides through a hang only if its "
-                            "timeout (30 s by default) exceeds this plus a batch: lower it for fast batches")
+                            "slow every time is not failed for a bound learnt from the fast ones. Below the clients' "
+                            "default 30 s timeout, so a hang is redone before they give up: raise both together "
+                            "for batches slower than that")
     serve.add_argument("--index-cache", metavar="DIR", type=Path, default=None,
                        help="where indexes of many-file datasets are cached (default ~/.cache/npyloader)")
     serve.add_argument("--no-index-cache", action="store_true", help="always read every file's header")

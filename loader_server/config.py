@@ -22,8 +22,10 @@ MIN_CLIENT_TIMEOUT_S = 3.0
 # A fixed bound, not one derived from observed build times: a batch that is slow every time it
 # is built (a huge sample, a cold network disk) would be killed three times in a row and failed
 # by a bound that adapts to the usual, fast batches; a fixed one is also one number a user can
-# reason about. Generous, since a false kill can cost a good batch, and a late one only time.
-DEFAULT_TASK_TIMEOUT_S = 300.0
+# reason about. 20 s because a client waits 30 s for a batch by default: a hang is then redone
+# (20 s, one heartbeat, one rebuild) before the trainer gives up. A batch that legitimately takes
+# longer already fails the default client, so both are raised together.
+DEFAULT_TASK_TIMEOUT_S = 20.0
 
 
 class ConfigError(ValueError):
