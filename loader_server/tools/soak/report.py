@@ -74,9 +74,17 @@ class SoakReport:
                            "all_problems": self.all_problems()}, indent=2)
 
     def write(self, out: Path) -> None:
+        """The report, then whatever an existing `out` keeps after KEPT_BELOW: sections written by
+        hand (fault tests measured apart from the soak) survive the next soak run."""
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(markdown(self))
+        old = out.read_text() if out.exists() else ""
+        kept = old[old.index(KEPT_BELOW):] if KEPT_BELOW in old else KEPT_BELOW + "\n"
+        out.write_text(markdown(self).rstrip("\n") + "\n\n" + kept)
         out.with_suffix(".json").write_text(self.to_json() + "\n")
+
+
+# A line in the soak's Markdown after which the file is not the soak's: kept when it is rewritten.
+KEPT_BELOW = "<!-- Below: not written by npyloader soak; kept when it rewrites this file. -->"
 
 
 def _recovery(records: list[FaultRecord]) -> tuple[str, str]:
