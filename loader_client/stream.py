@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
-from loader_client import protocol
+from loader_client import endpoints, protocol
 from loader_client.security import ClientCurve
 from loader_client.shm import LeaseTag, Offer, Segment, ShmUnavailable, Waker
 
@@ -82,6 +82,7 @@ class Connection:
             raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+        self.endpoint = endpoints.parse(url, "url", bind=False)
         self.url = url
         self.dataset = dataset
         self.timeout = timeout
@@ -278,6 +279,7 @@ class Connection:
         sock.setsockopt(zmq.RCVHWM, 0)
         if self._curve is not None:
             self._curve.apply(sock)
+        self.endpoint.prepare(sock)
         sock.connect(self.url)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -512,12 +514,14 @@ def as_curve(curve: Curve) -> ClientCurve | None:
 
 def request_stats(url: str, timeout: float = 5.0, curve: Curve = None) -> dict:
     """One stats round trip on a throwaway socket: usable without a dataset session."""
+    endpoint = endpoints.parse(url, "url", bind=False)
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     keys = as_curve(curve)
     if keys is not None:
         keys.apply(sock)
+    endpoint.prepare(sock)
     try:
         sock.connect(url)
         sock.send_multipart(protocol.encode("stats"))

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from loader_client import endpoints
 from loader_client.security import ClientCurve, CurveKeyError
 from loader_server.config import (
     DEFAULT_BIND,
@@ -21,6 +22,7 @@ from loader_server.config import (
     ConfigError,
     DatasetConfig,
     ServeConfig,
+    check_metrics_port,
     default_workers,
     load_toml,
     parse_shape,
@@ -205,6 +207,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from loader_client.stats_view import render
     from loader_client.stream import request_stats
 
+    endpoints.parse(args.endpoint, "endpoint", bind=False)
     curve = _client_curve(args)
     if args.watch:
         from loader_server.tools import watch
@@ -259,6 +262,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     if args.processes < 1:
         raise ConfigError(f"--processes must be at least 1, got {args.processes}")
+    check_metrics_port(args.metrics_port)
     spec = RemoteWorkerSpec(args.connect, args.data_root, args.heartbeat, os.getpid(), _client_curve(args))
     metrics = (args.metrics_host, args.metrics_port) if args.metrics_port is not None else None
     return run_workers(spec, args.processes, metrics)
@@ -294,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DatasetError, AugmentError, CurveKeyError, TimeoutError) as e:
+    except (ConfigError, endpoints.EndpointError, DatasetError, AugmentError, CurveKeyError, TimeoutError) as e:
         print(f"npyloader {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 import zmq
 
-from loader_client import protocol
+from loader_client import endpoints, protocol
 from loader_server.config import ConfigError, DatasetConfig, ServeConfig
 from loader_server.data import manifest
 from loader_server.data.augment import build_pipeline, sample_rng
@@ -67,18 +67,15 @@ def _slot_pool(name: str, nslots: int, batch_size: int, arrays: list[protocol.Ar
         raise ConfigError(f"dataset '{name}': {e}") from e
 
 
-LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
-
-
 def _bind(sock: zmq.Socket, endpoint: str, option: str, encrypted: bool = False) -> str:
-    wildcard = endpoint[:-2] + ":*" if endpoint.startswith("tcp://") and endpoint.endswith(":0") else endpoint
-    host = endpoint[len("tcp://"):].rsplit(":", 1)[0] if endpoint.startswith("tcp://") else ""
-    if host and not host.startswith(LOOPBACK_HOSTS) and not encrypted:
+    ep = endpoints.parse(endpoint, option, bind=True)
+    if ep.scheme == "tcp" and not ep.loopback and not encrypted:
         log.warning("%s %s accepts plain, unauthenticated tcp from other machines: anyone who can reach "
                     "it can read batches; use --curve-secret-key and --authorized-keys (npyloader keygen)",
                     option, endpoint)
+    ep.prepare(sock)
     try:
-        sock.bind(wildcard)
+        sock.bind(ep.for_zmq())
     except zmq.ZMQError as e:
         if e.errno == zmq.EADDRINUSE:
             raise ConfigError(

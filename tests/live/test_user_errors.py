@@ -136,6 +136,38 @@ def test_endpoint_in_use(good):
         sock.close(0)
 
 
+@pytest.mark.parametrize("option, endpoint, says", [
+    ("--bind", "tcp://127.0.0.1:99999", "port 99999 is out of range"),  # libzmq alone would listen on 34463
+    ("--bind", "tcp://127.0.0.1:http", "'http' is not a number"),
+    ("--bind", "udp://127.0.0.1:5555", "scheme 'udp://' is not supported"),
+    ("--worker-bind", "tcp://:5556", "the host is empty"),
+    ("--worker-bind", "tcp://::1:5556", "tcp://[::1]:PORT"),
+    ("--bind", "ipc://" + "/x" * 60, "more than the"),
+])
+def test_malformed_bind_endpoints(good, option, endpoint, says):
+    line = assert_user_error(serve("--data", str(good / "*.npy"), option, endpoint), option, endpoint, says)
+    if option == "--bind":
+        assert "--worker-bind" not in line
+
+
+@pytest.mark.parametrize("args, named, says", [
+    (("worker", "--connect", "tcp://127.0.0.1:0"), "--connect", "only means 'any free port'"),
+    (("worker", "--connect", "tcp://loader"), "--connect", "there is no port"),
+    (("worker", "--connect", "tcp://loader:5556", "--metrics-port", "70000"), "--metrics-port", "out of range"),
+    (("stats", "tcp://127.0.0.1:99999"), "endpoint", "port 99999 is out of range"),
+    (("stats", "127.0.0.1:5555", "--watch"), "endpoint", "there is no scheme"),
+])
+def test_malformed_connect_endpoints(args, named, says):
+    assert_user_error(run(*args, timeout=30), named, says)
+
+
+def test_batch_stream_refuses_a_malformed_url_at_once():
+    from loader_client.endpoints import EndpointError
+
+    with pytest.raises(EndpointError, match=r"^url 'tcp://127\.0\.0\.1:99999': port 99999 is out of range"):
+        BatchStream("tcp://127.0.0.1:99999", timeout=30)
+
+
 def test_config_file_missing(tmp_path):
     missing = tmp_path / "missing.toml"
     assert_user_error(serve("--config", str(missing)), "--config", str(missing))
