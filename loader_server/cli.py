@@ -27,6 +27,7 @@ from loader_server.config import (
     load_toml,
     parse_shape,
 )
+from loader_server.signals import interrupt_on_stop_signals
 
 log = logging.getLogger("npyloader")
 
@@ -198,6 +199,7 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from loader_server.serve.server import serve
 
+    interrupt_on_stop_signals()  # before the local workers start: they would inherit an ignored SIGTERM
     serve(_serve_config(args))
     return 0
 
@@ -214,6 +216,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
         if args.interval <= 0:
             raise ConfigError(f"--interval must be positive, got {args.interval:g}")
+        interrupt_on_stop_signals()
         return watch.run(args.endpoint, args.interval, lambda: request_stats(args.endpoint, args.timeout, curve=curve),
                          as_json=args.json)
     stats = request_stats(args.endpoint, args.timeout, curve=curve)
@@ -263,6 +266,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     if args.processes < 1:
         raise ConfigError(f"--processes must be at least 1, got {args.processes}")
     check_metrics_port(args.metrics_port)
+    interrupt_on_stop_signals()
     spec = RemoteWorkerSpec(args.connect, args.data_root, args.heartbeat, os.getpid(), _client_curve(args))
     metrics = (args.metrics_host, args.metrics_port) if args.metrics_port is not None else None
     return run_workers(spec, args.processes, metrics)

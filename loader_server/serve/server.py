@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from loader_server.serve.broker import Broker, ServedDataset
 from loader_server.serve.pool import LocalPool
 from loader_server.shm import ipc_dir
 from loader_server.shm.slots import SlotPool
+from loader_server.signals import on_stop_signals
 from loader_server.worker.loop import WorkerDataset, WorkerSpec
 
 log = logging.getLogger("npyloader")
@@ -212,15 +212,13 @@ class Server:
 def serve(cfg: ServeConfig, on_ready: Callable[[str], None] | None = None) -> None:
     """Run until SIGINT or SIGTERM, then stop everything cleanly."""
     server = Server(cfg)
-    previous = {sig: signal.signal(sig, lambda *_: server.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        line = server.ready_line()
-        log.info(line)
-        if on_ready:
-            on_ready(line)
-        server.run()
-        log.info("stopping: %d batches served", server.broker.batches_sent)
-    finally:
-        server.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with on_stop_signals(server.stop):
+        try:
+            line = server.ready_line()
+            log.info(line)
+            if on_ready:
+                on_ready(line)
+            server.run()
+            log.info("stopping: %d batches served", server.broker.batches_sent)
+        finally:
+            server.close()
