@@ -9,7 +9,12 @@ import pytest
 import zmq
 
 from loader_client import protocol
-from loader_client.stream import ROUTING_ID_BYTES, Connection, new_routing_id, request_stats
+from loader_client.stream import (
+    ROUTING_ID_BYTES,
+    Connection,
+    new_routing_id,
+    request_stats,
+)
 
 
 @pytest.fixture
