@@ -6,7 +6,10 @@ These run `npyloader serve` as a plain subprocess, since each must fail before i
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,7 +18,13 @@ import pytest
 import zmq
 
 from loader_client.stream import BatchStream
-from tests.helpers import free_port, run_bounded, serve_command, write_id_dataset
+from tests.helpers import (
+    as_user_command,
+    free_port,
+    run_bounded,
+    serve_command,
+    write_id_dataset,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -99,6 +108,79 @@ def test_paired_row_counts_differ(tmp_path):
         serve("--data", str(inputs / "*.npy"), "--layout", "paired", "--targets", str(targets / "*.npy")),
         str(inputs / "s.npy"), str(targets / "s.npy"))
     assert "5" in line and "6" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# Data the server's user may not read (compose: the image runs as uid 10001, the host folder is 0700)
+
+NOBODY = 65534
+NAMELESS = 10001  # no entry in /etc/passwd, like the image's user
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    """A folder in the system temp dir that every user may enter (pytest's tmp_path sits in a
+    0700 folder of root's): `open/` readable by all, `private/` mode 0700 owned by root."""
+    top = Path(tempfile.mkdtemp(prefix="npyloader-perms-"))
+    try:
+        top.chmod(0o755)
+        write_id_dataset(top / "open", [8])
+        write_id_dataset(top / "private", [8])
+        np.save(top / "private" / "labels.npy", np.zeros(1, np.int64))
+        (top / "open").chmod(0o755)
+        (top / "private").chmod(0o700)
+        yield top
+    finally:
+        shutil.rmtree(top)
+
+
+def serve_as(uid: int, *args: str) -> subprocess.CompletedProcess:
+    """`npyloader serve ARGS` as user `uid`, failing before it is ready (no workers to start)."""
+    return run_bounded(as_user_command(uid, "serve", *args, "--workers", "0", "--worker-bind", "tcp://127.0.0.1:0",
+                                       "--bind", "tcp://127.0.0.1:0", "--no-index-cache"), timeout=60, cwd=REPO)
+
+
+@needs_root
+@pytest.mark.parametrize("uid, user", [(NOBODY, "nobody (uid 65534)"), (NAMELESS, "by uid 10001,")])
+def test_a_glob_in_a_folder_the_user_cannot_list_names_the_folder_and_the_user(shared_dir, uid, user):
+    private = shared_dir / "private"
+    pattern = str(private / "*.npy")
+    line = assert_user_error(serve_as(uid, "--data", pattern), "--data", pattern, user)
+    assert f"the folder {private} cannot be listed" in line and "mode is 0700" in line
+    assert f"chmod o+rx {private}" in line and "run npyloader as a user who can read it" in line
+    assert "quote the glob" not in line, "not the advice for a glob that matches nothing"
+
+
+@needs_root
+@pytest.mark.parametrize("spelling", ["folder", "glob below it"])
+def test_a_folder_the_user_cannot_list_or_enter_is_named(shared_dir, spelling):
+    private = shared_dir / "private"
+    data = str(private) if spelling == "folder" else str(private / "deeper" / "*.npy")
+    line = assert_user_error(serve_as(NOBODY, "--data", data), "--data", str(private), "nobody (uid 65534)")
+    assert "cannot be listed" in line if spelling == "folder" else f"chmod o+x {private}" in line
+
+
+@needs_root
+def test_unreadable_targets_and_labels_are_named_like_data(shared_dir):
+    private, public = shared_dir / "private", shared_dir / "open"
+    targets = str(private / "*.npy")
+    line = assert_user_error(serve_as(NOBODY, "--data", str(public), "--layout", "paired", "--targets", targets),
+                             "--targets", targets, "nobody (uid 65534)")
+    assert f"the folder {private} cannot be listed" in line
+    labels = str(private / "labels.npy")
+    line = assert_user_error(serve_as(NOBODY, "--data", str(public / "part-000.npy"), "--layout", "per-sample",
+                                      "--labels", labels), labels, "nobody (uid 65534)")
+    assert f"the folder {private} cannot be entered" in line
+
+
+@needs_root
+def test_a_file_the_user_cannot_read_is_named_with_its_mode(shared_dir):
+    secret = shared_dir / "open" / "part-999.npy"
+    np.save(secret, np.zeros((2, 17), np.float32))
+    secret.chmod(0o600)
+    assert_user_error(serve_as(NOBODY, "--data", str(shared_dir / "open" / "*.npy")), str(secret),
+                      "nobody (uid 65534)", "mode is 0600", f"chmod o+r {secret}")
 
 
 # ---------------------------------------------------------------------------------------------
