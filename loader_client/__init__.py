@@ -7,10 +7,12 @@ when `RemoteSequence` or `DataWaitMonitor` is first used, so tools and tests can
 
 from typing import Any
 
+from loader_client.endpoints import EndpointError
 from loader_client.shm import ShmUnavailable
 from loader_client.stream import BatchStream, ServerError, request_stats
 
-__all__ = ["BatchStream", "DataWaitMonitor", "RemoteSequence", "ServerError", "ShmUnavailable", "request_stats"]
+__all__ = ["BatchStream", "DataWaitMonitor", "EndpointError", "RemoteSequence", "ServerError", "ShmUnavailable",
+           "request_stats"]
 
 
 def __getattr__(name: str) -> Any:

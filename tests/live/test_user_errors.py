@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import zmq
 
+from loader_client import EndpointError
 from loader_client.stream import BatchStream
 from tests.helpers import (
     as_user_command,
@@ -244,8 +245,6 @@ def test_malformed_connect_endpoints(args, named, says):
 
 
 def test_batch_stream_refuses_a_malformed_url_at_once():
-    from loader_client.endpoints import EndpointError
-
     with pytest.raises(EndpointError, match=r"^url 'tcp://127\.0\.0\.1:99999': port 99999 is out of range"):
         BatchStream("tcp://127.0.0.1:99999", timeout=30)
 
