@@ -34,7 +34,6 @@ from loader_server.metrics import (
     worker_families,
 )
 from loader_server.serve.pool import LocalPool
-from loader_server.signals import on_stop_signals
 from loader_server.worker.loop import (
     TASKS_IN_FLIGHT,
     TaskRunner,
@@ -174,13 +173,7 @@ def run_workers(spec: RemoteWorkerSpec, processes: int, metrics: tuple[str, int]
     SIGINT or SIGTERM. Exit status 2 when the server's data differs from this machine's.
     `metrics` (host, port) serves this host's counters to Prometheus."""
     stop = threading.Event()
-    with on_stop_signals(stop.set):
-        return _supervise(spec, processes, metrics, stop)
-
-
-def _supervise(spec: RemoteWorkerSpec, processes: int, metrics: tuple[str, int] | None,
-               stop: threading.Event) -> int:
-    """Keep `processes` workers joined, each respawned if it dies, until `stop` is set."""
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     counters = SharedCounters(mp.get_context("spawn")) if metrics else None
     spec = replace(spec, counters=counters)
     pool = LocalPool(lambda _: spec, processes, target=run_remote_worker)
@@ -205,3 +198,5 @@ def _supervise(spec: RemoteWorkerSpec, processes: int, metrics: tuple[str, int] 
             exporter.shutdown()
             exporter.server_close()
         pool.stop(deadline_s=1.0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
