@@ -7,10 +7,11 @@ use `BatchStream` without them.
 
 from typing import Any
 
+from loader_client.endpoints import EndpointError
 from loader_client.shm import ShmUnavailable
 from loader_client.stream import BatchStream, ServerError, request_stats
 
-__all__ = ["BatchStream", "DataWaitMonitor", "EpochSync", "RemoteSequence", "ServerError", "ShmUnavailable",
+__all__ = ["BatchStream", "DataWaitMonitor", "EndpointError", "EpochSync", "RemoteSequence", "ServerError", "ShmUnavailable",
            "request_stats"]
 
 

@@ -19,6 +19,7 @@ batches it is still missing, so nothing is lost and nothing is delivered twice.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections import deque
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
-from loader_client import protocol
+from loader_client import endpoints, protocol
 from loader_client.security import ClientCurve
 from loader_client.shm import LeaseTag, Offer, Segment, ShmUnavailable, Waker
 
@@ -41,6 +42,8 @@ TRANSPORTS = ("auto", "shm", "socket")
 # Slots kept free for batches in flight when the program itself holds many batches read from
 # shared memory: past that, a batch is copied out and its slot given back at once.
 SPARE_SLOTS = 2
+
+ROUTING_ID_BYTES = 16
 
 Batch = tuple[np.ndarray, ...]
 Key = tuple[int, int]
@@ -82,7 +85,9 @@ class Connection:
             raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+        self.endpoint = endpoints.parse(url, "url", bind=False)
         self.url = url
+        self.routing_id = new_routing_id()  # kept across reconnects: a restarted server still tells clients apart
         self.dataset = dataset
         self.timeout = timeout
         self._curve = as_curve(curve)
@@ -238,11 +243,12 @@ class Connection:
         return request_stats(self.url, self.timeout)
 
     def stats(self) -> dict:
-        """What arrived and how: `transport` is "shm" or "socket" (`transport_reason` says why
-        not shared memory when it was wanted); `copied` counts batches copied out of shared
-        memory because the program held too many at once."""
-        return {"batches": self.batches, "bytes": self.bytes, "wait_s": self.wait_s, "reconnects": self.reconnects,
-                "transport": self.transport, "transport_reason": self.transport_reason, "copied": self.copied}
+        """What arrived and how: `id` is this client's row in `npyloader stats`; `transport` is
+        "shm" or "socket" (`transport_reason` says why not shared memory when it was wanted);
+        `copied` counts batches copied out of shared memory because the program held too many."""
+        return {"id": self.routing_id.hex(), "batches": self.batches, "bytes": self.bytes, "wait_s": self.wait_s,
+                "reconnects": self.reconnects, "transport": self.transport, "transport_reason": self.transport_reason,
+                "copied": self.copied}
 
     @property
     def max_held(self) -> int:
@@ -282,8 +288,10 @@ class Connection:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 200)
         sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
         if self._curve is not None:
             self._curve.apply(sock)
+        self.endpoint.prepare(sock)
         sock.connect(self.url)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -508,6 +516,15 @@ class Connection:
             self._fatal = ServerError(f"{self.url} refused a request: {text}")
 
 
+def new_routing_id() -> bytes:
+    """A random routing id for a DEALER, set before it connects. Left to itself, the server's
+    ROUTER numbers its peers from the same value in every process (00 6b8b4567, then ...68):
+    a restarted server hands one client's old id to another, merging the two in stats and
+    metrics. With its own id, a client that reconnects is still itself. libzmq reserves ids
+    that start with a zero byte."""
+    return bytes([1 + secrets.randbelow(255)]) + secrets.token_bytes(ROUTING_ID_BYTES - 1)
+
+
 def as_curve(curve: Curve) -> ClientCurve | None:
     """`curve=` accepts a ClientCurve or (this peer's .key_secret, the server's .key)."""
     if curve is None or isinstance(curve, ClientCurve):
@@ -518,12 +535,15 @@ def as_curve(curve: Curve) -> ClientCurve | None:
 
 def request_stats(url: str, timeout: float = 5.0, curve: Curve = None) -> dict:
     """One stats round trip on a throwaway socket: usable without a dataset session."""
+    endpoint = endpoints.parse(url, "url", bind=False)
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, new_routing_id())
     keys = as_curve(curve)
     if keys is not None:
         keys.apply(sock)
+    endpoint.prepare(sock)
     try:
         sock.connect(url)
         sock.send_multipart(protocol.encode("stats"))

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from loader_client import endpoints
 from loader_client.security import ClientCurve, CurveKeyError
 from loader_server.config import (
     DEFAULT_BIND,
@@ -22,11 +23,13 @@ from loader_server.config import (
     ConfigError,
     DatasetConfig,
     ServeConfig,
+    check_metrics_port,
     check_task_timeout,
     default_workers,
     load_toml,
     parse_shape,
 )
+from loader_server.signals import interrupt_on_stop_signals
 
 log = logging.getLogger("npyloader")
 
@@ -212,6 +215,7 @@ def _serve_config(args: argparse.Namespace) -> ServeConfig:
 def _cmd_serve(args: argparse.Namespace) -> int:
     from loader_server.serve.server import serve
 
+    interrupt_on_stop_signals()  # before the local workers start: they would inherit an ignored SIGTERM
     serve(_serve_config(args))
     return 0
 
@@ -221,12 +225,14 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from loader_client.stats_view import render
     from loader_client.stream import request_stats
 
+    endpoints.parse(args.endpoint, "endpoint", bind=False)
     curve = _client_curve(args)
     if args.watch:
         from loader_server.tools import watch
 
         if args.interval <= 0:
             raise ConfigError(f"--interval must be positive, got {args.interval:g}")
+        interrupt_on_stop_signals()
         return watch.run(args.endpoint, args.interval, lambda: request_stats(args.endpoint, args.timeout, curve=curve),
                          as_json=args.json)
     stats = request_stats(args.endpoint, args.timeout, curve=curve)
@@ -276,6 +282,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     if args.processes < 1:
         raise ConfigError(f"--processes must be at least 1, got {args.processes}")
     check_task_timeout(args.task_timeout)
+    check_metrics_port(args.metrics_port)
+    interrupt_on_stop_signals()
     spec = RemoteWorkerSpec(args.connect, args.data_root, args.heartbeat, os.getpid(), _client_curve(args),
                             task_timeout_s=args.task_timeout)
     metrics = (args.metrics_host, args.metrics_port) if args.metrics_port is not None else None
@@ -312,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DatasetError, AugmentError, CurveKeyError, TimeoutError) as e:
+    except (ConfigError, endpoints.EndpointError, DatasetError, AugmentError, CurveKeyError, TimeoutError) as e:
         print(f"npyloader {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loader_client import endpoints
+
 if TYPE_CHECKING:
     from loader_server.security import ServerCurve
 
@@ -113,12 +115,11 @@ class ServeConfig:
             raise ConfigError("--workers 0 leaves no one to build batches: add --worker-bind tcp://0.0.0.0:5556 "
                               "and start `npyloader worker --connect` on other hosts")
         for option, endpoint in (("--bind", self.bind), ("--worker-bind", self.worker_bind)):
-            if endpoint is not None and not endpoint.startswith(("tcp://", "ipc://")):
-                raise ConfigError(f"{option} {endpoint!r} must be a tcp:// or ipc:// endpoint")
+            if endpoint is not None:
+                endpoints.parse(endpoint, option, bind=True)
         if self.heartbeat_s <= 0:
             raise ConfigError(f"--heartbeat must be positive, got {self.heartbeat_s}")
-        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
-            raise ConfigError(f"--metrics-port must be a port number (0 picks a free one), got {self.metrics_port}")
+        check_metrics_port(self.metrics_port)
         if self.drain_s < 0:
             raise ConfigError(f"--drain-timeout must be 0 or more seconds, got {self.drain_s:g}")
         check_task_timeout(self.task_timeout_s)
@@ -132,6 +133,12 @@ def check_task_timeout(seconds: float) -> None:
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:  # NaN too
         raise ConfigError(f"--task-timeout must be a positive number of seconds, got {seconds!r}; a batch "
                           "that may legitimately take very long needs a large value, not none")
+
+
+def check_metrics_port(port: int | None) -> None:
+    """Checked before anything starts: Python's socket would only raise OverflowError later."""
+    if port is not None and not 0 <= port <= 65535:
+        raise ConfigError(f"--metrics-port {port} is out of range: ports are 1-65535 (0 picks a free one)")
 
 
 def parse_shape(text: str, option: str = "--x-shape") -> tuple[int, ...]:

@@ -67,9 +67,11 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     """Start `npyloader worker --connect ENDPOINT ARGS`; every one is stopped at teardown."""
     started: list[WorkerProcess] = []
 
-    def start(endpoint: str, *args: str, processes: int = 1, env: dict | None = None) -> WorkerProcess:
+    def start(endpoint: str, *args: str, processes: int = 1, env: dict | None = None,
+              prefix: tuple[str, ...] = ()) -> WorkerProcess:
+        """`env` adds to the environment; `prefix` wraps the command (e.g. a shell that ignores signals)."""
         log_path = tmp_path / f"worker-{len(started)}.log"
-        proc = launch(serve_command("worker", "--connect", endpoint, "--processes", str(processes), *args),
+        proc = launch([*prefix, *serve_command("worker", "--connect", endpoint, "--processes", str(processes), *args)],
                       log_path, env)
         started.append(WorkerProcess(proc, log_path))
         return started[-1]

@@ -276,6 +276,31 @@ def serve_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "loader_server.cli", *args]
 
 
+def as_user_command(uid: int, *args: str) -> list[str]:
+    """`npyloader ARGS` run as user and group `uid`, dropped inside the interpreter once the modules
+    are imported: the interpreter may sit where that user cannot reach (a pyenv under /root, mode
+    0700), so a `setpriv` prefix could not even start it. Needs root."""
+    script = ("import os, sys\n"
+              "from loader_server import cli\n"
+              "import loader_server.serve.server, loader_server.data.index_cache\n"
+              "uid = int(sys.argv[1])\n"
+              "os.setgroups([]); os.setresgid(uid, uid, uid); os.setresuid(uid, uid, uid)\n"
+              "sys.exit(cli.main(sys.argv[2:]))\n")
+    return [sys.executable, "-c", script, str(uid), *args]
+
+
+# A command prefix that starts the command with SIGINT and SIGTERM ignored, as a script's
+# background job (`cmd &`) starts with SIGINT ignored: the dispositions survive the exec.
+IGNORING_STOP_SIGNALS = ("sh", "-c", "trap '' INT TERM; exec \"$@\"", "sh")
+
+
+def ignored_signals(pid: int) -> set[int]:
+    """The signals process `pid` ignores, from /proc (SigIgn)."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = int(next(line for line in f if line.startswith("SigIgn:")).split()[1], 16)
+    return {sig for sig in range(1, 65) if mask >> (sig - 1) & 1}
+
+
 # An augment op that stands for costly work: batches stay in progress long enough for a test to
 # signal, kill or stop the worker building them (see the `augment_package` fixture).
 PAUSE_OP = "import time\n\ndef pause(x, y, rng, seconds=0.05):\n    time.sleep(seconds)\n    return x, y\n"

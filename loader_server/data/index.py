@@ -26,6 +26,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from loader_server.config import ConfigError, DatasetConfig
+from loader_server.data import access
 from loader_server.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -235,6 +236,8 @@ def _read_placement(path: str, key: str | None, headers: _HeaderMemo) -> tuple[P
         if _is_npz(path):
             return _read_npz_placement(path, key)
         return _read_npy_placement(path, headers)
+    except PermissionError as e:
+        raise DatasetError(f"cannot read {path}: {access.file_problem(path)}") from e
     except OSError as e:
         raise DatasetError(
             f"cannot read {path}: {e.strerror or e}; check it exists and is readable") from e
@@ -416,16 +419,22 @@ def _stored_member_placement(zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: st
 
 
 def expand_files(pattern: str, option: str = "--data") -> list[str]:
-    """A folder means its .npy/.npz files; anything else is a glob (`**` recurses)."""
+    """A folder means its .npy/.npz files; anything else is a glob (`**` recurses). A folder
+    on the way that this user may not enter or list is named as the reason for finding nothing."""
     if os.path.isdir(pattern):
-        with os.scandir(pattern) as entries:
-            found = sorted(e.path for e in entries
-                           if e.name.endswith((".npy", ".npz")) and e.is_file())
+        try:
+            with os.scandir(pattern) as entries:
+                found = sorted(e.path for e in entries
+                               if e.name.endswith((".npy", ".npz")) and e.is_file())
+        except PermissionError as e:
+            raise DatasetError(f"{option} folder {pattern!r}: {access.folder_problem(pattern) or e}") from e
         if not found:
             raise DatasetError(
                 f"{option} folder {pattern!r} has no .npy or .npz files directly inside")
         return found
     found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    if not found and (blocked := access.folder_problem(pattern)):
+        raise DatasetError(f"{option} {pattern!r} matches no files: {blocked}")
     if not found:
         raise DatasetError(f"{option} {pattern!r} matches no files: check the path, and quote the "
                            "glob in the shell (e.g. 'data/*.npy') so npyloader expands it")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 import zmq
 
-from loader_client import protocol
+from loader_client import endpoints, protocol
 from loader_server.config import ConfigError, DatasetConfig, ServeConfig
 from loader_server.data import manifest
 from loader_server.data.augment import build_pipeline, sample_rng
@@ -32,6 +31,7 @@ from loader_server.serve.broker import Broker, ServedDataset
 from loader_server.serve.pool import LocalPool
 from loader_server.shm import ipc_dir
 from loader_server.shm.slots import SlotPool
+from loader_server.signals import on_stop_signals
 from loader_server.worker.loop import WorkerDataset, WorkerSpec
 
 log = logging.getLogger("npyloader")
@@ -67,18 +67,15 @@ def _slot_pool(name: str, nslots: int, batch_size: int, arrays: list[protocol.Ar
         raise ConfigError(f"dataset '{name}': {e}") from e
 
 
-LOOPBACK_HOSTS = ("127.", "localhost", "[::1]", "::1")
-
-
 def _bind(sock: zmq.Socket, endpoint: str, option: str, encrypted: bool = False) -> str:
-    wildcard = endpoint[:-2] + ":*" if endpoint.startswith("tcp://") and endpoint.endswith(":0") else endpoint
-    host = endpoint[len("tcp://"):].rsplit(":", 1)[0] if endpoint.startswith("tcp://") else ""
-    if host and not host.startswith(LOOPBACK_HOSTS) and not encrypted:
+    ep = endpoints.parse(endpoint, option, bind=True)
+    if ep.scheme == "tcp" and not ep.loopback and not encrypted:
         log.warning("%s %s accepts plain, unauthenticated tcp from other machines: anyone who can reach "
                     "it can read batches; use --curve-secret-key and --authorized-keys (npyloader keygen)",
                     option, endpoint)
+    ep.prepare(sock)
     try:
-        sock.bind(wildcard)
+        sock.bind(ep.for_zmq())
     except zmq.ZMQError as e:
         if e.errno == zmq.EADDRINUSE:
             raise ConfigError(
@@ -215,15 +212,13 @@ class Server:
 def serve(cfg: ServeConfig, on_ready: Callable[[str], None] | None = None) -> None:
     """Run until SIGINT or SIGTERM, then stop everything cleanly."""
     server = Server(cfg)
-    previous = {sig: signal.signal(sig, lambda *_: server.stop()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        line = server.ready_line()
-        log.info(line)
-        if on_ready:
-            on_ready(line)
-        server.run()
-        log.info("stopping: %d batches served", server.broker.batches_sent)
-    finally:
-        server.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with on_stop_signals(server.stop):
+        try:
+            line = server.ready_line()
+            log.info(line)
+            if on_ready:
+                on_ready(line)
+            server.run()
+            log.info("stopping: %d batches served", server.broker.batches_sent)
+        finally:
+            server.close()

@@ -36,8 +36,9 @@ SHOW_CURSOR = "\x1b[?25h"
 
 def run(endpoint: str, interval: float, fetch: Callable[[], Stats], *, as_json: bool = False,
         out: TextIO = sys.stdout) -> int:
-    """Refresh until Ctrl-C (or the reader of a pipe goes away), then return 0: stopping a
-    watch is the normal way to end it."""
+    """Refresh until Ctrl-C or SIGTERM (the CLI makes both raise KeyboardInterrupt, whatever was
+    inherited) or until the reader of a pipe goes away, then return 0: stopping a watch is the
+    normal way to end it."""
     tty = out.isatty() and not as_json
     before: Stats | None = None
     try:

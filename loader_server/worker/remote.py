@@ -22,7 +22,7 @@ from typing import Any
 
 import zmq
 
-from loader_client import protocol
+from loader_client import endpoints, protocol
 from loader_client.security import ClientCurve
 from loader_server.config import DEFAULT_TASK_TIMEOUT_S, ConfigError
 from loader_server.data.index import DatasetError
@@ -59,6 +59,9 @@ class RemoteWorkerSpec:
     task_timeout_s: float = DEFAULT_TASK_TIMEOUT_S
     clock: TaskClock | None = None  # this process's, read by the supervisor's watchdog
 
+    def __post_init__(self) -> None:
+        endpoints.parse(self.connect, "--connect", bind=False)
+
 
 REFUSED_EXIT = 3
 
@@ -83,6 +86,7 @@ def _serve_one_session(ctx: zmq.Context, spec: RemoteWorkerSpec, orphaned: Calla
     sock.setsockopt(zmq.LINGER, 0)
     if spec.curve is not None:
         spec.curve.apply(sock)
+    endpoints.parse(spec.connect, "--connect", bind=False).prepare(sock)
     sock.connect(spec.connect)
     join = protocol.encode("join", {"pid": os.getpid(), "host": socket.gethostname()})
     try:

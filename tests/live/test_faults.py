@@ -35,6 +35,33 @@ def test_client_resumes_exactly_once_after_the_server_is_killed_and_restarted(st
     assert sorted(got) == list(range(n)), "nothing lost, nothing repeated across the restart"
 
 
+@pytest.mark.slow
+def test_two_clients_keep_their_own_ids_and_counts_across_a_server_restart(start_server, id_dataset):
+    folder, _ = id_dataset
+    args = ("--data", str(folder), "--label-column", "-1", "--batch-size", "8", "--bind",
+            f"tcp://127.0.0.1:{free_port()}")
+    first = start_server(*args, workers=1)
+
+    def served(endpoint: str) -> dict[str, int]:
+        return {c["id"]: c["batches"] for c in request_stats(endpoint)["clients"]}
+
+    with BatchStream(first.endpoint, timeout=60) as a, BatchStream(first.endpoint, timeout=60) as b:
+        # one batch asked for at a time, so the server's count is exactly what each read
+        for conn, count in ((a._conn, 2), (b._conn, 4)):
+            for i in range(count):
+                conn.get(0, i)
+        ids = a.stats()["id"], b.stats()["id"]
+        assert ids[0] != ids[1]
+        assert served(first.endpoint) == {ids[0]: 2, ids[1]: 4}
+        first.stop(signal.SIGKILL)
+        second = start_server(*args, workers=1)
+        for conn, start, count in ((a._conn, 2, 3), (b._conn, 4, 1)):
+            for i in range(start, start + count):
+                conn.get(0, i)
+        assert a.stats()["reconnects"] == b.stats()["reconnects"] == 1
+        assert served(second.endpoint) == {ids[0]: 3, ids[1]: 1}, "each came back under its own id"
+
+
 def test_all_workers_dead_gives_a_clear_timeout_and_recovery_when_they_return(start_server, start_worker, id_dataset):
     folder, n = id_dataset
     server = start_server("--data", str(folder), "--label-column", "-1", "--batch-size", "16",

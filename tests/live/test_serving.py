@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -203,6 +204,25 @@ def test_shards_give_each_trainer_a_disjoint_slice(start_server, id_dataset):
     parts = [ids_of(read_epoch(server.endpoint, shard=(rank, 3))) for rank in range(3)]
     assert sorted(sum(parts, [])) == list(range(n))
     assert all(len(set(a) & set(b)) == 0 for a in parts for b in parts if a is not b)
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no IPv6 loopback (::1)")
+def test_an_ipv6_endpoint_serves_like_any_other(start_server, id_dataset):
+    folder, n = id_dataset
+    server = start_server("--data", str(folder), "--label-column", "-1", "--batch-size", "16",
+                          bind="tcp://[::1]:0", workers=1)
+    assert re.fullmatch(r"tcp://\[::1\]:\d+", server.endpoint), server.endpoint
+    assert sorted(ids_of(read_epoch(server.endpoint, transport="socket"))) == list(range(n))
+    assert request_stats(server.endpoint)["datasets"]["train"]["batches_served"] == 13
 
 
 def test_several_clients_share_the_pool_at_once(start_server, tmp_path):

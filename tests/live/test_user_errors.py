@@ -6,7 +6,10 @@ These run `npyloader serve` as a plain subprocess, since each must fail before i
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -14,8 +17,15 @@ import numpy as np
 import pytest
 import zmq
 
+from loader_client import EndpointError
 from loader_client.stream import BatchStream
-from tests.helpers import free_port, run_bounded, serve_command, write_id_dataset
+from tests.helpers import (
+    as_user_command,
+    free_port,
+    run_bounded,
+    serve_command,
+    write_id_dataset,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -102,6 +112,79 @@ def test_paired_row_counts_differ(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Data the server's user may not read (compose: the image runs as uid 10001, the host folder is 0700)
+
+NOBODY = 65534
+NAMELESS = 10001  # no entry in /etc/passwd, like the image's user
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    """A folder in the system temp dir that every user may enter (pytest's tmp_path sits in a
+    0700 folder of root's): `open/` readable by all, `private/` mode 0700 owned by root."""
+    top = Path(tempfile.mkdtemp(prefix="npyloader-perms-"))
+    try:
+        top.chmod(0o755)
+        write_id_dataset(top / "open", [8])
+        write_id_dataset(top / "private", [8])
+        np.save(top / "private" / "labels.npy", np.zeros(1, np.int64))
+        (top / "open").chmod(0o755)
+        (top / "private").chmod(0o700)
+        yield top
+    finally:
+        shutil.rmtree(top)
+
+
+def serve_as(uid: int, *args: str) -> subprocess.CompletedProcess:
+    """`npyloader serve ARGS` as user `uid`, failing before it is ready (no workers to start)."""
+    return run_bounded(as_user_command(uid, "serve", *args, "--workers", "0", "--worker-bind", "tcp://127.0.0.1:0",
+                                       "--bind", "tcp://127.0.0.1:0", "--no-index-cache"), timeout=60, cwd=REPO)
+
+
+@needs_root
+@pytest.mark.parametrize("uid, user", [(NOBODY, "nobody (uid 65534)"), (NAMELESS, "by uid 10001,")])
+def test_a_glob_in_a_folder_the_user_cannot_list_names_the_folder_and_the_user(shared_dir, uid, user):
+    private = shared_dir / "private"
+    pattern = str(private / "*.npy")
+    line = assert_user_error(serve_as(uid, "--data", pattern), "--data", pattern, user)
+    assert f"the folder {private} cannot be listed" in line and "mode is 0700" in line
+    assert f"chmod o+rx {private}" in line and "run npyloader as a user who can read it" in line
+    assert "quote the glob" not in line, "not the advice for a glob that matches nothing"
+
+
+@needs_root
+@pytest.mark.parametrize("spelling", ["folder", "glob below it"])
+def test_a_folder_the_user_cannot_list_or_enter_is_named(shared_dir, spelling):
+    private = shared_dir / "private"
+    data = str(private) if spelling == "folder" else str(private / "deeper" / "*.npy")
+    line = assert_user_error(serve_as(NOBODY, "--data", data), "--data", str(private), "nobody (uid 65534)")
+    assert "cannot be listed" in line if spelling == "folder" else f"chmod o+x {private}" in line
+
+
+@needs_root
+def test_unreadable_targets_and_labels_are_named_like_data(shared_dir):
+    private, public = shared_dir / "private", shared_dir / "open"
+    targets = str(private / "*.npy")
+    line = assert_user_error(serve_as(NOBODY, "--data", str(public), "--layout", "paired", "--targets", targets),
+                             "--targets", targets, "nobody (uid 65534)")
+    assert f"the folder {private} cannot be listed" in line
+    labels = str(private / "labels.npy")
+    line = assert_user_error(serve_as(NOBODY, "--data", str(public / "part-000.npy"), "--layout", "per-sample",
+                                      "--labels", labels), labels, "nobody (uid 65534)")
+    assert f"the folder {private} cannot be entered" in line
+
+
+@needs_root
+def test_a_file_the_user_cannot_read_is_named_with_its_mode(shared_dir):
+    secret = shared_dir / "open" / "part-999.npy"
+    np.save(secret, np.zeros((2, 17), np.float32))
+    secret.chmod(0o600)
+    assert_user_error(serve_as(NOBODY, "--data", str(shared_dir / "open" / "*.npy")), str(secret),
+                      "nobody (uid 65534)", "mode is 0600", f"chmod o+r {secret}")
+
+
+# ---------------------------------------------------------------------------------------------
 # Options
 
 
@@ -147,6 +230,36 @@ def test_task_timeout_that_is_not_positive(good, tmp_path, where):
     else:
         result = run("worker", "--connect", f"tcp://127.0.0.1:{free_port()}", "--task-timeout", "0")
     assert_user_error(result, "--task-timeout", "positive")
+
+
+@pytest.mark.parametrize("option, endpoint, says", [
+    ("--bind", "tcp://127.0.0.1:99999", "port 99999 is out of range"),  # libzmq alone would listen on 34463
+    ("--bind", "tcp://127.0.0.1:http", "'http' is not a number"),
+    ("--bind", "udp://127.0.0.1:5555", "scheme 'udp://' is not supported"),
+    ("--worker-bind", "tcp://:5556", "the host is empty"),
+    ("--worker-bind", "tcp://::1:5556", "tcp://[::1]:PORT"),
+    ("--bind", "ipc://" + "/x" * 60, "more than the"),
+])
+def test_malformed_bind_endpoints(good, option, endpoint, says):
+    line = assert_user_error(serve("--data", str(good / "*.npy"), option, endpoint), option, endpoint, says)
+    if option == "--bind":
+        assert "--worker-bind" not in line
+
+
+@pytest.mark.parametrize("args, named, says", [
+    (("worker", "--connect", "tcp://127.0.0.1:0"), "--connect", "only means 'any free port'"),
+    (("worker", "--connect", "tcp://loader"), "--connect", "there is no port"),
+    (("worker", "--connect", "tcp://loader:5556", "--metrics-port", "70000"), "--metrics-port", "out of range"),
+    (("stats", "tcp://127.0.0.1:99999"), "endpoint", "port 99999 is out of range"),
+    (("stats", "127.0.0.1:5555", "--watch"), "endpoint", "there is no scheme"),
+])
+def test_malformed_connect_endpoints(args, named, says):
+    assert_user_error(run(*args, timeout=30), named, says)
+
+
+def test_batch_stream_refuses_a_malformed_url_at_once():
+    with pytest.raises(EndpointError, match=r"^url 'tcp://127\.0\.0\.1:99999': port 99999 is out of range"):
+        BatchStream("tcp://127.0.0.1:99999", timeout=30)
 
 
 def test_config_file_missing(tmp_path):
