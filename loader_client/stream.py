@@ -173,9 +173,7 @@ class Connection:
             self._blocked += 1
             self._account_wait(epoch)
             try:
-                arrived = self._cv.wait_for(
-                    lambda: key in self._ready or key in self._failed or self._fatal is not None or self._closed,
-                    self.timeout)
+                arrived = self._wait_for_batch(key)
             finally:
                 self._blocked -= 1
                 self._returned[epoch] = self._returned.get(epoch, 0) + 1
@@ -193,6 +191,21 @@ class Connection:
                     f"no batch {index} of epoch {epoch} from {self.url} within {self.timeout:g}s: "
                     f"is the server alive and are its workers running? (`npyloader stats {self.url}`)")
             raise AssertionError("unreachable")
+
+    def _wait_for_batch(self, key: Key) -> bool:
+        """Wait (under the lock) until `key` is ready or failed, or the session ends; False on
+        timeout. Two callers may wait for one batch (Keras abandons the threads of the passes it
+        reads to learn the batches' shapes, and the pass that follows asks for the same batches):
+        the first takes it, and the other, finding it neither ready nor on its way any more, asks
+        the server for it again rather than wait for a batch that will never come."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            arrived = self._cv.wait_for(
+                lambda: key in self._ready or key in self._failed or self._fatal is not None or self._closed
+                or key not in self._outstanding, deadline - time.monotonic())
+            if not arrived or key in self._ready or key in self._failed or self._fatal is not None or self._closed:
+                return arrived
+            self._request_locked(key[0], [key[1]])
 
     def _hand_out(self, key: Key) -> Batch:
         """The ready batch, given to the program. One read from a lent slot is handed over as

@@ -453,3 +453,23 @@ def test_two_clients_asking_at_once_take_turns_and_neither_starves(start_server,
         first.close()
         if second is not None:
             second.close()
+
+
+@pytest.mark.parametrize("transport", ["socket", "shm"])
+def test_two_callers_waiting_for_one_batch_both_get_it(start_server, id_dataset, transport):
+    """Keras abandons the loader threads of the pass that reads a few batches to learn their
+    shapes, and the pass that follows asks for the same batches: whichever caller takes a batch
+    first, the other must get it too (asked again), not wait out its timeout."""
+    import threading
+
+    folder, _ = id_dataset
+    server = start_server("--data", str(folder), "--label-column", "-1", "--batch-size", "16", workers=1)
+    with BatchStream(server.endpoint, timeout=20, transport=transport) as stream:
+        conn = stream._conn
+        got: list[list[int]] = []
+        callers = [threading.Thread(target=lambda: got.append(batch_ids(conn.get(0, 5)))) for _ in range(2)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(30)
+        assert len(got) == 2 and got[0] == got[1] and len(got[0]) == 16
