@@ -33,7 +33,7 @@ import numpy as np
 
 from loader_server.tools.bench.harness import THROUGH_FIT
 from loader_server.tools.bench.procs import peak_rss_mb
-from loader_server.tools.bench.serving import npyloader_run
+from loader_server.tools.bench.serving import epochs_per_call, npyloader_run
 from loader_server.tools.bench.startup import first_batch_times
 from loader_server.tools.bench.workload import (
     ROWS_PER_FILE,
@@ -130,7 +130,7 @@ def run_child(spec: dict[str, Any]) -> Result:
             wall, nbytes, cpu = measure(epochs, spec["repeats"])
         finally:
             memory = close()
-    result.samples_per_s = wl.samples / wall
+    result.samples_per_s = wl.samples * epochs_per_call(spec) / wall
     result.mb_per_s = nbytes / wall / 1e6
     result.client_cpu_s_per_gb = cpu / (nbytes / 1e9)
     result.client_rss_mb = peak_rss_mb()
