@@ -577,3 +577,29 @@ def test_index_pickles(tmp_path: Path) -> None:
     assert copy == index
     assert copy.fingerprint() == index.fingerprint()
     np.testing.assert_array_equal(read_all(copy)[4][0], np.arange(4, 8, dtype=np.float32))
+
+
+@pytest.mark.parametrize("layout", ["combined", "per-sample"])
+def test_a_whole_batch_read_at_once_is_the_samples_read_one_by_one(tmp_path: Path, rng: np.random.Generator,
+                                                                     layout: str) -> None:
+    """The workers' fast path for unaugmented batches (one searchsorted for the batch) must give
+    the very bytes of reading each sample on its own, in the batch's order."""
+    if layout == "combined":
+        for i, rows in enumerate([5, 9, 3]):
+            save(tmp_path / f"p{i}.npy", rng.random((rows, 7)).astype(np.float32))
+        index = build_index(config(tmp_path, label_column=-1, x_shape=(2, 3)))
+    else:
+        for i in range(12):
+            save(tmp_path / f"s{i:02d}.npy", rng.random((2, 3)).astype(np.float32))
+        np.save(tmp_path.parent / "labels.npy", np.arange(12) % 4)
+        index = build_index(config(tmp_path, layout="per-sample", labels=str(tmp_path.parent / "labels.npy")))
+    ids = rng.permutation(index.num_samples)[:8]
+    with SampleReader(index) as reader:
+        x, y = reader.read(0)
+        at_once = [np.zeros((8, *x.shape), x.dtype), np.zeros((8, *np.shape(y)), np.asarray(y).dtype)]
+        reader.read_batch_into(ids, at_once)
+        for j, sample in enumerate(ids.tolist()):
+            one_x, one_y = reader.read(sample)
+            assert np.array_equal(at_once[0][j], one_x) and np.array_equal(at_once[1][j], one_y)
+        with pytest.raises(IndexError, match=f"sample {index.num_samples} is out of range"):
+            reader.read_batch_into(np.array([0, index.num_samples]), at_once)
