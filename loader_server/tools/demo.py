@@ -109,8 +109,10 @@ def train(url: str, epochs: int) -> dict:
     }
     log.info("")
     log.info("demo finished: validation accuracy %.3f after %d epochs (chance is 0.100)", val_acc, epochs)
-    log.info("  fit took %.1fs; training waited %.2fs on data (%.1f%% of fit); %d train batches, %.2f MB",
-             elapsed, stats["wait_s"], 100 * stats["wait_s"] / elapsed, stats["batches"], summary["train_mb"])
+    log.info("  fit took %.1fs; training waited %.2fs on data (%.1f%% of fit); %d train batches, %.2f MB, %s",
+             elapsed, stats["wait_s"], 100 * stats["wait_s"] / elapsed, stats["batches"], summary["train_mb"],
+             "read from the server's shared memory" if stats["transport"] == "shm"
+             else f"over the socket ({stats['transport_reason']})")
     log.info("  the server built %d batches with %d worker processes; see `npyloader stats` while it runs",
              server["batches_served"], summary["workers"])
     return summary

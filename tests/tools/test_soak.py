@@ -13,6 +13,7 @@ import pytest
 
 from loader_server.tools.soak.data import DATASETS
 from loader_server.tools.soak.faults import FAULTS
+from loader_server.tools.soak.report import KEPT_BELOW
 from tests.helpers import run_bounded, serve_command
 
 
@@ -89,4 +90,6 @@ def test_a_one_minute_soak_loses_and_repeats_nothing_and_leaves_nothing(tmp_path
     assert report["leftover_processes"] == [] and report["shm_left"] == []
     assert processes_with_tmpdir(scratch) == []
     assert list(scratch.iterdir()) == [], "the soak removes its temporary folder"
-    assert "## Verdict: PASS" in done.stdout and out.read_text() == done.stdout.rstrip("\n") + "\n"
+    # the file is the printed report, then the marker below which hand-written sections are kept
+    assert "## Verdict: PASS" in done.stdout
+    assert out.read_text() == done.stdout.rstrip("\n") + "\n\n" + KEPT_BELOW + "\n"
