@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import numpy as np
 from loader_server.tools.bench.procs import (
     JOIN,
     READY,
+    cpu_seconds,
     npyloader_process,
     stop,
     wait_for_line,
@@ -41,12 +41,6 @@ class RoutingResult:
     batches_per_s: float
     server_cpu_us_per_batch: float
     server_cpu_share: float
-
-
-def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _reader(url: str, transport: str, epochs: int, done: Any) -> None:
@@ -90,9 +84,9 @@ def measure_routing(local: int, remote: int, clients: list[str], seconds: float,
             p.start()
         for _ in procs:
             assert done.get(timeout=180) == "ready"
-        cpu, wall = _cpu_seconds(server.pid), time.perf_counter()
+        cpu, wall = cpu_seconds(server.pid), time.perf_counter()
         batches = sum(done.get(timeout=600) for _ in procs)
-        wall, cpu = time.perf_counter() - wall, _cpu_seconds(server.pid) - cpu
+        wall, cpu = time.perf_counter() - wall, cpu_seconds(server.pid) - cpu
     finally:
         for p in procs:
             p.join(30)

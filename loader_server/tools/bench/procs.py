@@ -79,3 +79,10 @@ def peak_rss_mb(pid: int | str = "self") -> float:
 def private_mb(pid: int | str = "self") -> float:
     """Anonymous resident memory: what the process allocated itself, without mapped file pages."""
     return _status_mb(pid, "RssAnon")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far, from /proc (OSError once it is gone)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -27,6 +27,7 @@ from pathlib import Path
 from loader_server.tools.bench.procs import (
     READY,
     children,
+    cpu_seconds,
     npyloader_process,
     stop,
     wait_for_line,
@@ -73,25 +74,23 @@ def one_start(folder: Path, cache: Path | None, workers: int, log_path: Path) ->
         with BatchStream(url, timeout=120) as stream:
             next(iter(stream))
         first = time.perf_counter() - started
-        cpu = cpu_seconds(server.pid)
+        cpu = cpu_by_role(server.pid)
     finally:
         stop(server)
     return Startup(ready, first, cpu)
 
 
-def cpu_seconds(pid: int) -> dict[str, float]:
+def cpu_by_role(pid: int) -> dict[str, float]:
     """User + system CPU seconds of a server and of its children, named by role (a second
     worker is "worker 2", in pid order)."""
-    tick = os.sysconf("SC_CLK_TCK")
     out: dict[str, float] = {}
     for role, p in [("server", pid)] + [(_role(c), c) for c in sorted(children(pid))]:
         try:
-            with open(f"/proc/{p}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
+            seconds = cpu_seconds(p)
         except OSError:
             continue
         key = role if role not in out else f"{role} {sum(k.startswith(role) for k in out) + 1}"
-        out[key] = (int(fields[11]) + int(fields[12])) / tick
+        out[key] = seconds
     return out
 
 
