@@ -68,6 +68,9 @@ install_packages() {
     command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
     command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
     command -v debootstrap >/dev/null 2>&1 || missing+=(debootstrap)
+    # Not Docker's, but installed here too: the network-fault tests (loader_server/tools/netlab) drop
+    # packets with iptables inside their own namespaces.
+    command -v iptables >/dev/null 2>&1 || missing+=(iptables)
     [ "${#missing[@]}" -eq 0 ] && return 0
     command -v apt-get >/dev/null 2>&1 \
         || die "cannot install ${missing[*]}: no apt-get on this machine (install them by hand)"
@@ -85,7 +88,7 @@ install_packages() {
         apt-get install -y --no-install-recommends "${missing[@]}" >>"$APT_LOG" 2>&1 \
             || die "apt-get install ${missing[*]} failed: $(last_line "$APT_LOG") (full log: $APT_LOG)"
     fi
-    for t2 in dockerd docker-compose debootstrap; do
+    for t2 in dockerd docker-compose debootstrap iptables; do
         command -v "$t2" >/dev/null 2>&1 || die "apt-get installed ${missing[*]} but $t2 is still missing"
     done
     say "installed ${missing[*]} in $(elapsed "$t")"

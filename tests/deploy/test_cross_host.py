@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from tests.deploy.netns import netns_unavailable_reason, two_hosts
+from loader_server.tools.netlab.hosts import netns_unavailable_reason, two_hosts
 from tests.helpers import serve_command, wait_for, write_id_dataset
 
 UNAVAILABLE = netns_unavailable_reason()

@@ -1,4 +1,4 @@
-"""tests/deploy/netns.py: two hosts in network namespaces reach each other, and nothing else; teardown
+"""loader_server/tools/netlab/hosts.py: two hosts in network namespaces reach each other, and nothing else; teardown
 stops every process and removes both namespaces, also when the body fails."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.netns import IP, netns_unavailable_reason, two_hosts
+from loader_server.tools.netlab.hosts import IP, netns_unavailable_reason, two_hosts
 from tests.helpers import pid_alive
 
 pytestmark = pytest.mark.skipif(netns_unavailable_reason() is not None,

@@ -1,6 +1,6 @@
 """Two test "hosts" in Linux network namespaces, joined by a veth pair (needs root and iproute2).
 
-    from tests.deploy.netns import netns_unavailable_reason, two_hosts
+    from loader_server.tools.netlab.hosts import netns_unavailable_reason, two_hosts
 
     pytestmark = pytest.mark.skipif(netns_unavailable_reason() is not None,
                                     reason=str(netns_unavailable_reason()))
