@@ -29,11 +29,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import keras
 import numpy as np
 
+from loader_client.requires import keras_missing
 from loader_client.stream import SPARE_SLOTS as SHM_SPARE
 from loader_client.stream import Batch, Connection, Curve, as_curve, request_stats
+
+try:
+    import keras
+except ModuleNotFoundError as missing:
+    raise keras_missing("RemoteSequence (and EpochSync)", missing) from missing
 
 PREFETCH_BYTES = 512 << 20
 MAX_DEFAULT_PREFETCH = 16

@@ -16,10 +16,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import keras
-
 from loader_client.diagnose import diagnose
 from loader_client.rates import with_rates
+from loader_client.requires import keras_missing
+
+try:
+    import keras
+except ModuleNotFoundError as missing:
+    raise keras_missing("DataWaitMonitor", missing) from missing
 
 log = logging.getLogger(__name__)
 

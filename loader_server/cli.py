@@ -16,6 +16,7 @@ from pathlib import Path
 
 from loader_client import endpoints
 from loader_client.security import ClientCurve, CurveKeyError
+from loader_server import __version__
 from loader_server.config import (
     DEFAULT_BIND,
     DEFAULT_TASK_TIMEOUT_S,
@@ -79,6 +80,7 @@ def _client_curve(args: argparse.Namespace) -> ClientCurve | None:
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="npyloader", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
 

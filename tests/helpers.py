@@ -430,3 +430,9 @@ def scrape(url: str) -> dict[str, dict[tuple, float]]:
 
 def value(samples: dict, name: str, **labels: str) -> float:
     return samples[name][tuple(sorted(labels.items()))]
+
+
+# What TensorFlow prints on its own while it starts (on a machine without a GPU): none of it may
+# appear in the demo's output (loader_server.tools.demo.quiet_tensorflow).
+TF_STARTUP_NOISE = ("Could not find cuda drivers", "cuInit", "oneDNN custom operations", "absl::InitializeLog",
+                    "cpu_feature_guard", "To enable the following instructions")

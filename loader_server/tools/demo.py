@@ -4,6 +4,10 @@ Writes the bundled digits dataset (if missing), starts `npyloader serve` on it w
 worker processes, trains a small CNN with `model.fit(RemoteSequence(...))`, and reports what
 happened: validation accuracy, how long training waited on data (per epoch, through
 DataWaitMonitor), what the server did.
+
+TensorFlow's start-up lines (CUDA probing on a machine without a GPU, oneDNN and CPU notices)
+would bury the demo's own; `quiet_tensorflow` keeps them out of the demo, and only the demo:
+library code never sets TensorFlow's variables for the user's program.
 """
 
 from __future__ import annotations
@@ -15,12 +19,19 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 log = logging.getLogger("npyloader.demo")
 
 READY = re.compile(r"serving .* at (tcp://\S+)")
+
+# A line of TensorFlow's C++ log (absl's format): severity letter, MMDD, time (before absl is
+# initialised the seconds are the Unix time: 00:00:1796058161.257996), thread, file:line].
+TF_LOG_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\]")
+TF_SEVERITIES = "IWEF"
+ABSL_UNINITIALIZED = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
 
 
 def _npyloader(*args: str) -> list[str]:
@@ -43,6 +54,45 @@ def start_server(serve_args: list[str], log_path: Path, timeout: float = 120.0) 
         time.sleep(0.1)
     proc.kill()
     raise TimeoutError(f"npyloader serve did not report ready within {timeout:g}s; see {log_path}")
+
+
+def quiet_tensorflow() -> None:
+    """Import TensorFlow with its C++ log at TF_CPP_MIN_LOG_LEVEL 3 (unless the user set it).
+
+    The variable alone is not enough: TensorFlow reads it only once its libraries have loaded,
+    and they log while loading ("Could not find cuda drivers", the oneDNN notice, each after
+    absl's "All log messages before absl::InitializeLog()" warning), so those lines go straight
+    to file descriptor 2. The import therefore runs with fd 2 in a temporary file, and what it
+    wrote is passed on except the C++ log records that the level hides, and absl's warning when
+    it hides warnings; anything else (a Python warning, say) still reaches stderr.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    level = int(os.environ["TF_CPP_MIN_LOG_LEVEL"]) if os.environ["TF_CPP_MIN_LOG_LEVEL"].isdigit() else 0
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            sys.stderr.write(_shown_tf_output(captured.read().decode(errors="replace"), level))
+            sys.stderr.flush()
+
+
+def _shown_tf_output(text: str, level: int) -> str:
+    """`text` without the C++ log records below `level`, as TensorFlow would have filtered them.
+    Each line is judged alone: the records printed while loading are one line each."""
+    def hidden(line: str) -> bool:
+        record = TF_LOG_LINE.match(line)
+        if record:
+            return TF_SEVERITIES.index(record.group(1)) < level
+        return line.startswith(ABSL_UNINITIALIZED) and level >= 1
+
+    return "".join(line for line in text.splitlines(keepends=True) if not hidden(line))
 
 
 def build_model(num_classes: int = 10):
@@ -125,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow()
     summary = run(args.dir, args.epochs, args.workers)
     return 0 if summary["val_accuracy"] > 0.5 else 1
 

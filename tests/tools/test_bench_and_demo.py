@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 
 import pytest
 
-from tests.helpers import run_bounded, serve_command
+from tests.helpers import TF_STARTUP_NOISE, run_bounded, serve_command
 
 
 @pytest.mark.slow
@@ -49,9 +50,12 @@ def test_bench_startup_times_every_case_to_the_first_batch(tmp_path):
 
 @pytest.mark.slow
 def test_demo_trains_the_digits_model_well_above_chance(tmp_path):
+    # the demo quiets TensorFlow unless the user chose its log level: this test leaves it to the demo
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     result = run_bounded([sys.executable, "-m", "loader_server.tools.demo", "--dir", str(tmp_path / "demo"),
-                          "--epochs", "4"], timeout=600)
+                          "--epochs", "4"], timeout=600, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     accuracy = float(re.search(r"validation accuracy (\d\.\d+)", result.stderr).group(1))
     assert accuracy > 0.8
     assert "training waited" in result.stderr
+    assert not [phrase for phrase in TF_STARTUP_NOISE if phrase in result.stdout + result.stderr], result.stderr
