@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.size < 8 or args.size % 8:
+        parser.error(f"--size {args.size}: the U-Net halves it three times; use a multiple of 8, e.g. 64")
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         if args.out is not None:
