@@ -16,44 +16,20 @@ import argparse
 import logging
 import os
 import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-log = logging.getLogger("npyloader.demo")
+from loader_server.tools.local_server import running_server
 
-READY = re.compile(r"serving .* at (tcp://\S+)")
+log = logging.getLogger("npyloader.demo")
 
 # A line of TensorFlow's C++ log (absl's format): severity letter, MMDD, time (before absl is
 # initialised the seconds are the Unix time: 00:00:1796058161.257996), thread, file:line].
 TF_LOG_LINE = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\]")
 TF_SEVERITIES = "IWEF"
 ABSL_UNINITIALIZED = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
-
-
-def _npyloader(*args: str) -> list[str]:
-    return [sys.executable, "-m", "loader_server.cli", *args]
-
-
-def start_server(serve_args: list[str], log_path: Path, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
-    """Start `npyloader serve ARGS` on a free loopback port and wait (with a deadline) for the
-    line saying where it listens."""
-    with open(log_path, "w") as out:
-        proc = subprocess.Popen(_npyloader("serve", *serve_args, "--bind", "tcp://127.0.0.1:0"),
-                                stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = READY.search(log_path.read_text())
-        if match:
-            return proc, match.group(1)
-        if proc.poll() is not None:
-            raise RuntimeError(f"npyloader serve exited with {proc.returncode}:\n{log_path.read_text()}")
-        time.sleep(0.1)
-    proc.kill()
-    raise TimeoutError(f"npyloader serve did not report ready within {timeout:g}s; see {log_path}")
 
 
 def quiet_tensorflow() -> None:
@@ -120,17 +96,9 @@ def run(workdir: Path, epochs: int, workers: int) -> dict:
         log.info("writing the digits demo dataset to %s", workdir)
         write_demo_data(workdir)
     log.info("starting npyloader serve with %d workers", workers)
-    proc, url = start_server(["--config", str(config), "--workers", str(workers)], workdir / "server.log")
-    try:
-        log.info("server ready at %s (log: %s)", url, workdir / "server.log")
-        return train(url, epochs)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with running_server(["--config", str(config), "--workers", str(workers)], workdir / "server.log") as server:
+        log.info("server ready at %s (log: %s)", server.url, server.log_path)
+        return train(server.url, epochs)
 
 
 def train(url: str, epochs: int) -> dict:
