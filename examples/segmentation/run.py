@@ -20,8 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before anything imports TensorFlow
+from loader_server.tools.demo import quiet_tensorflow
 
+quiet_tensorflow()  # TF_CPP_MIN_LOG_LEVEL 3 and no load-time C++ noise, before Keras imports TensorFlow
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
