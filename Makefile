@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
+# Keras's JAX and PyTorch backends and the PyTorch client: for the tests only, so `make demo`
+# does not wait for them (about 24 s and 1.1 GB more in the venv, measured on the build machine)
+FRAMEWORKS := $(VENV)/.installed-frameworks
 
 .PHONY: demo test test-fast venv clean docker-up docker-down
 
@@ -15,6 +18,11 @@ $(INSTALLED): pyproject.toml
 	$(PY) -m pip install --quiet --progress-bar off -e '.[keras,demo,test]'
 	@touch $@
 
+$(FRAMEWORKS): $(INSTALLED)
+	@echo ">> installing the torch and jax extras for the tests (Keras backends, the PyTorch client)"
+	$(PY) -m pip install --quiet --progress-bar off -e '.[keras,demo,test,torch,jax]'
+	@touch $@
+
 demo: $(INSTALLED)
 	$(PY) -m loader_server.tools.demo
 
@@ -24,7 +32,7 @@ demo: $(INSTALLED)
 DOCKER_TESTS ?= auto
 DOCKER_HOST_SOCK := unix:///tmp/npyloader-docker/docker.sock
 
-test: $(INSTALLED)
+test: $(FRAMEWORKS)
 	@if [ "$(DOCKER_TESTS)" = off ]; then rc=1; reason="DOCKER_TESTS=off"; else \
 	    echo ">> make test: starting the Docker engine for the tests marked docker (tools/local-docker.sh up)"; \
 	    { reason=$$(bash tools/local-docker.sh up 2>&1 >&3 3>&-); rc=$$?; } 3>&1; fi; \
@@ -40,7 +48,7 @@ test: $(INSTALLED)
 	$(PY) -m pytest -ra
 
 # `make test-fast`: tests/unit only, the tests that start no process (well under a minute).
-test-fast: $(INSTALLED)
+test-fast: $(FRAMEWORKS)
 	$(PY) -m pytest -ra tests/unit
 
 # A private Docker engine (root): installs docker.io docker-compose debootstrap if missing, starts

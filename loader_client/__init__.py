@@ -1,8 +1,9 @@
 """npyloader client: stream batches from an npyloader server into Keras or any Python loop.
 
 `import loader_client` needs only numpy, pyzmq and msgpack; Keras (and TensorFlow) load only
-when `RemoteSequence`, `EpochSync` or `DataWaitMonitor` is first used, so tools and tests can
-use `BatchStream` without them.
+when `RemoteSequence`, `EpochSync` or `DataWaitMonitor` is first used, and torch only with
+`RemoteDataset` (loader_client.torch), so tools and tests can use `BatchStream` without them.
+`RemoteDataset` stays out of `__all__`, so that `import *` needs no torch.
 """
 
 from typing import Any
@@ -24,6 +25,10 @@ def __getattr__(name: str) -> Any:
         from loader_client.keras import EpochSync
 
         return EpochSync
+    if name == "RemoteDataset":
+        from loader_client.torch import RemoteDataset
+
+        return RemoteDataset
     if name == "DataWaitMonitor":
         from loader_client.monitor import DataWaitMonitor
 

@@ -19,6 +19,13 @@ which only the trainer's callbacks are told: `EpochSync` passes it on. Keras's a
 loader threads before it calls `on_epoch_begin()`, so the epoch is always set before a pass
 (at the previous pass's end, or by the callback), never in `on_epoch_begin()` itself.
 
+Keras on JAX and PyTorch builds the model from one batch read through a pass of its own, and
+with `workers > 1` its enqueuer keeps the batches that pass had already asked for and serves them
+first in the next pass: each epoch would then begin with batches of the one before. So on those
+backends RemoteSequence leaves the enqueuer out (`workers=1`, unless asked otherwise) and
+prefetches by index alone: `fit(shuffle=False)` keeps the prefetch full, and loses no randomness,
+since the server shuffles samples every epoch.
+
 On the server's host, batches are read from its shared memory (`transport="auto"`, see
 stream.py): `seq[i]` returns read-only views on a slot, valid for as long as anything refers
 to them. The prefetch depth then stays within the slots the server lends one client, so the
@@ -80,6 +87,8 @@ class RemoteSequence(keras.utils.PyDataset):
         info = self._conn.info
         batch_bytes = sum(info.batch_size * spec.nbytes for spec in info.specs)
         self.prefetch = prefetch or default_prefetch(batch_bytes, self._conn.max_held)
+        if keras.backend.backend() != "tensorflow":
+            kwargs.setdefault("workers", 1)  # no enqueuer: see "Keras on JAX and PyTorch" above
         kwargs.setdefault("workers", self.prefetch)
         kwargs.setdefault("max_queue_size", self.prefetch)
         super().__init__(use_multiprocessing=False, **kwargs)
@@ -88,6 +97,7 @@ class RemoteSequence(keras.utils.PyDataset):
         self.dataset = dataset
         self.epoch = epoch
         self._in_pass = False
+        self._read: set[int] = set()  # batch indices read since the epoch was last set
         self._last_index = -2
         self._run = 0
 
@@ -107,6 +117,7 @@ class RemoteSequence(keras.utils.PyDataset):
             self._conn.request(self.epoch, list(ahead))
         self._last_index = index
         batch = self._conn.get(self.epoch, index)
+        self._read.add(index)
         return batch if len(batch) > 1 else batch[0]
 
     def on_epoch_begin(self) -> None:
@@ -114,18 +125,23 @@ class RemoteSequence(keras.utils.PyDataset):
         self._in_pass = True
 
     def on_epoch_end(self) -> None:
-        """After a pass, the next epoch. Without one, this is Keras resetting its iterator before
-        `fit` or `evaluate` starts: the epoch stays, and the batches read to learn the element
-        spec are not counted in the pass that follows (it reads them again), for its tail's wait."""
-        if self._in_pass:
-            self._in_pass = False
+        """After a pass that read every batch, the next epoch. Otherwise this is Keras resetting
+        its iterator before `fit` or `evaluate` starts (on JAX and PyTorch, after a pass of its
+        own that reads one batch to build the model): the epoch stays, and the batches read to
+        learn the element spec are not counted in the pass that follows (it reads them again),
+        for its tail's wait."""
+        whole = self._in_pass and len(self._read) >= len(self)
+        self._in_pass = False
+        if whole:
             self.set_epoch(self.epoch + 1)
         else:
+            self._read.clear()
             self._conn.restart_epoch(self.epoch)
 
     def set_epoch(self, epoch: int) -> None:
         """Read `epoch` from now on; batches of other epochs already asked for are cancelled."""
         self.epoch = epoch
+        self._read.clear()
         self._last_index = -2
         self._run = 0
         self._conn.cancel_other_epochs(epoch)

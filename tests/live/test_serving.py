@@ -300,12 +300,12 @@ def test_signal_stops_server_and_workers_within_seconds(start_server, id_dataset
     assert "stopping" in server.log()
 
 
-def test_client_and_server_import_no_tensorflow():
+def test_client_and_server_import_no_tensorflow_torch_or_jax():
     code = ("import sys, loader_client, loader_server.serve.server, loader_server.cli, loader_server.worker.loop;"
             "import loader_client.diagnose, loader_client.rates, loader_server.tools.watch;"
             "from loader_client import BatchStream;"
             "assert 'DataWaitMonitor' in loader_client.__all__;"
-            "bad = [m for m in ('tensorflow', 'keras') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+            "bad = [m for m in ('tensorflow', 'keras', 'torch', 'jax') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 

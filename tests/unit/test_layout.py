@@ -8,9 +8,12 @@ source itself (every import, at module level or inside a function) and from a re
 from __future__ import annotations
 
 import ast
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("loader_server", "loader_client")
@@ -84,8 +87,19 @@ def test_importing_the_server_and_the_client_loads_no_tools_and_no_tensorflow():
     code = ("import sys, loader_server.serve.server, loader_server.worker.loop, loader_server.worker.remote, "
             "loader_server.cli, loader_client;"
             "from loader_client import BatchStream;"
-            "bad = sorted(m for m in sys.modules if m.startswith(('loader_server.tools', 'tensorflow', 'keras', 'torch')));"
+            "bad = sorted(m for m in sys.modules if m.startswith(('loader_server.tools', 'tensorflow', 'keras', 'torch', 'jax')));"
             "print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_torch_client_loads_torch_but_no_keras_or_tensorflow():
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("needs the torch extra: pip install -e '.[torch]'")
+    code = ("import sys; from loader_client import RemoteDataset; from loader_client.torch import RemoteDataset as R;"
+            "assert R is RemoteDataset and 'torch' in sys.modules;"
+            "print(sorted(m for m in sys.modules if m.startswith(('tensorflow', 'keras', 'jax'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
