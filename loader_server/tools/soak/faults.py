@@ -197,7 +197,7 @@ def hung_op(cluster: Cluster, rng: random.Random) -> Injected:
         raise FaultFailed(f"{where} worker pid {pid}, hung ({how}) in an augment op, still ran {deadline:.0f}s "
                           f"later (--task-timeout {limit:g}s)")
     return Injected(f"{where} worker pid {pid} hung in an augment op ({'time.sleep' if how == 'sleep' else 'a Python loop'}"
-                    f"); killed {time.monotonic() - hung_at:.1f}s after it took the batch "
+                    f"); killed {time.monotonic() - hung_at:.1f}s after the soak saw it hang "
                     f"(--task-timeout {limit:g}s)", pid)
 
 

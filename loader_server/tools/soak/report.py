@@ -105,7 +105,7 @@ def _intro(r: SoakReport) -> list[str]:
         "machine was running). This file and its JSON are written by that command.",
         "",
         f"It starts real processes: `npyloader serve` with {s['workers']} local workers (heartbeat "
-        f"{s['heartbeat_s']:g} s, client timeout {s['client_timeout_s']:g} s) on fixed loopback ports, one "
+        f"{s['heartbeat_s']:g} s, client timeout {s['client_timeout_s']:g} s) on fixed ports, one "
         "`npyloader worker --processes 1` joined over tcp, and two client processes. Client A reads "
         f"`train` ({s['train']}) epoch after epoch in index order with `BatchStream`; client B reads `val` "
         f"({s['val']}) asking for batches in a fresh random order each epoch with a prefetch window of "
