@@ -1,10 +1,12 @@
 """The processes a soak runs: a server, a remote worker, clients; starting, restarting, watching.
 
 Everything here is a real process started as a user would start it (`npyloader serve`,
-`npyloader worker`, client programs), on fixed loopback ports so that a server killed mid-epoch
-can come back where its clients and workers expect it. The cluster knows which process plays
-which role, so memory is attributed to roles across restarts, and it can say whether the whole
-system is healthy: every worker registered and every client receiving batches again.
+`npyloader worker`, client programs), on fixed ports so that a server killed mid-epoch can come
+back where its clients and workers expect it: all on loopback, or, where the lab allows it
+(soak/network.py), the remote worker in a network namespace of its own, across a link that can
+fail. The cluster knows which process plays which role, so memory is attributed to roles across
+restarts, and it can say whether the whole system is healthy: every worker registered and every
+client receiving batches again.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from loader_server.tools.netlab.hosts import NetnsError
 from loader_server.tools.soak import data as soak_data
+from loader_server.tools.soak import hang_op
 from loader_server.tools.soak.clients import ClientLog, ClientSpec, ClientTally
+from loader_server.tools.soak.network import SoakNetwork
 from loader_server.tools.soak.procs import (
     MemoryTracker,
     ProcRef,
@@ -46,14 +51,16 @@ READERS = {"A": ("train", "index"), "B": ("val", "shuffled")}
 @dataclass(frozen=True)
 class SoakConfig:
     """How long to soak and how the system under test is set up. The heartbeat is short so that
-    stopped workers are noticed within seconds; clients wait long (`client_wait_s`) so that a
-    fault the system recovers from never surfaces as a client error."""
+    stopped workers are noticed within seconds, and so is a hung op (`task_timeout_s`); clients
+    wait long (`client_wait_s`) so that a fault the system recovers from never surfaces as a
+    client error."""
 
     minutes: float = 10.0
     seed: int = 0
     workers: int = 2
     heartbeat_s: float = 0.5
     client_timeout_s: float = 5.0
+    task_timeout_s: float = 5.0
     client_wait_s: float = 120.0
     client_step_s: float = 0.01
     prefetch: int = 8
@@ -92,9 +99,14 @@ class Cluster:
         for folder in (self.logs, self.results, root / "tmp", root / "cache"):
             folder.mkdir(parents=True, exist_ok=True)
         self.stop_file = root / "stop-clients"
-        self.config_path = soak_data.write(root / "data")
+        self.hang_folder = root / "hang"
+        self.hang_folder.mkdir(exist_ok=True)
+        self.config_path = soak_data.write(root / "data", (hang_op.spec(self.hang_folder),))
+        # Owned here and torn down last in close(): the namespaces (if any) the processes run in.
+        self.net = SoakNetwork()
         self.url = f"tcp://127.0.0.1:{free_port()}"
-        self.worker_url = f"tcp://127.0.0.1:{free_port()}"
+        self.worker_port = free_port()
+        self.worker_url = f"tcp://{self.net.worker_address}:{self.worker_port}"
         # Children keep their temporary files and index caches inside the soak's own folder.
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": str(root / "tmp"),
                     "XDG_CACHE_HOME": str(root / "cache")}
@@ -113,10 +125,10 @@ class Cluster:
 
     # -- starting ---------------------------------------------------------------------------
 
-    def _spawn(self, role: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
+    def _spawn(self, role: str, args: list[str], remote: bool = False) -> tuple[subprocess.Popen, Path]:
         count = self._log_names[role] = self._log_names.get(role, 0) + 1
         log_path = self.logs / f"{role}-{count}.log"
-        proc = spawn(args, log_path, self.env)
+        proc = spawn(args, log_path, self.env, self.net.prefix(remote))
         self.started.append(proc)
         return proc, log_path
 
@@ -127,7 +139,8 @@ class Cluster:
         proc, log_path = self._spawn("server", [
             "-m", "loader_server.cli", "serve", "--config", str(self.config_path), "--bind", self.url,
             "--worker-bind", self.worker_url, "--workers", str(c.workers), "--heartbeat", str(c.heartbeat_s),
-            "--client-timeout", str(c.client_timeout_s), "--index-cache", str(self.root / "cache")])
+            "--client-timeout", str(c.client_timeout_s), "--task-timeout", str(c.task_timeout_s),
+            "--index-cache", str(self.root / "cache")])
         self.server, self.server_log = proc, log_path
         ready = self.wait_for(lambda: READY.search(log_path.read_text(errors="replace")) or proc.poll() is not None,
                               START_TIMEOUT_S)
@@ -140,7 +153,8 @@ class Cluster:
     def start_remote(self) -> None:
         self.remote, _ = self._spawn("remote", [
             "-m", "loader_server.cli", "worker", "--connect", self.worker_url, "--processes", "1",
-            "--heartbeat", str(self.cfg.heartbeat_s)])
+            "--heartbeat", str(self.cfg.heartbeat_s), "--task-timeout", str(self.cfg.task_timeout_s)],
+            remote=True)
 
     def _client_spec(self, name: str, dataset: str, order: str, first_epoch: int = 0) -> ClientSpec:
         c = self.cfg
@@ -265,7 +279,8 @@ class Cluster:
 
     def close(self) -> dict[str, Any]:
         """Stop everything still running: clients, worker, server by SIGTERM, then whatever
-        remains by SIGKILL; report what had to be killed and what shared memory was left."""
+        remains by SIGKILL; report what had to be killed and what shared memory was left. The
+        network namespaces go last, once nothing of the soak runs in them."""
         for proc in [*self.clients.values(), *self.vanishers, self.remote, self.server]:
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -279,6 +294,11 @@ class Cluster:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(10)
+        try:
+            self.net.close()
+        except NetnsError as e:
+            log.error("tearing down the soak's network namespaces: %s", e)
+            left.append(f"network namespaces: {e}")
         shm_left = sorted(name for name in self.shm if os.path.exists(f"/dev/shm/{name}"))
         for name in shm_left:
             log.error("shared memory /dev/shm/%s outlived its server; removing it", name)

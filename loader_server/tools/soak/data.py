@@ -48,9 +48,10 @@ def pixels(ids: np.ndarray) -> np.ndarray:
     return values.astype(np.float32).reshape(-1, SIDE, SIDE)
 
 
-def write(folder: Path) -> Path:
+def write(folder: Path, train_ops: tuple[str, ...] = ()) -> Path:
     """Write every dataset as combined-layout files (pixels, then the id as the last column)
-    under `folder`, and a TOML config serving them all; returns the config's path."""
+    under `folder`, and a TOML config serving them all; returns the config's path. `train_ops`
+    are appended to `train`'s augmentation: ops that leave the bytes alone (the soak's hang op)."""
     tables = []
     for ds in DATASETS.values():
         target = folder / ds.name
@@ -59,7 +60,8 @@ def write(folder: Path) -> Path:
             ids = np.arange(start, min(start + ROWS_PER_FILE, ds.samples))
             rows = np.column_stack([pixels(ids).reshape(len(ids), -1), ids.astype(np.float32)])
             np.save(target / f"part-{part:03d}.npy", rows)
-        augment = ", ".join(f'"{op}"' for op in ds.augment)
+        ops = ds.augment + (train_ops if ds is TRAIN else ())
+        augment = ", ".join(f'"{op}"' for op in ops)
         tables.append(f"[datasets.{ds.name}]\n"
                       f'data = "{ds.name}/*.npy"\n'
                       'layout = "combined"\n'

@@ -24,8 +24,9 @@ import zmq
 
 from loader_client import protocol
 from loader_server.serve.broker import SILENCE_BEATS
+from loader_server.tools.soak import hang_op
 from loader_server.tools.soak.cluster import Cluster, tail
-from loader_server.tools.soak.procs import ProcRef
+from loader_server.tools.soak.procs import ProcRef, children
 
 TARGET_TIMEOUT_S = 60.0
 ORPHAN_EXIT_S = 15.0
@@ -47,6 +48,7 @@ class Fault:
     kind: str
     summary: str
     inject: Callable[[Cluster, random.Random], Injected]
+    needs_link: bool = False  # only where the remote worker's link is a real one (soak/network.py)
 
 
 def _target(cluster: Cluster, rng: random.Random, find: Callable[[], list[ProcRef]], what: str) -> ProcRef:
@@ -163,6 +165,95 @@ def client_vanish(cluster: Cluster, rng: random.Random) -> Injected:
     return Injected(f"client pid {proc.pid} asked for {cluster.cfg.prefetch} batches, took 2, was SIGKILLed")
 
 
+def hung_op(cluster: Cluster, rng: random.Random) -> Injected:
+    """Arm the soak's hang op for one worker process of the server (local) or of `npyloader
+    worker` (remote); the one that claims it must be killed past --task-timeout (by the server,
+    or by its own supervisor) and replaced."""
+    remote = rng.random() < 0.5
+    how = rng.choice(hang_op.HOWS)
+    parent = cluster.remote if remote else cluster.server
+    assert parent is not None
+    where = "remote" if remote else "local"
+    folder = cluster.hang_folder
+    trigger = hang_op.trigger(folder, parent.pid, how)
+    trigger.touch()
+    took = cluster.wait_for(lambda: hang_op.claimed(folder), TARGET_TIMEOUT_S)
+    if not took:
+        try:
+            trigger.unlink()
+        except FileNotFoundError:  # claimed just now
+            took = hang_op.claimed(folder)
+    if not took:
+        raise FaultFailed(f"no {where} worker process (of pid {parent.pid}) ran the soak's hang op within "
+                          f"{TARGET_TIMEOUT_S:g}s of it being armed")
+    pid = int(took[0].name.removeprefix("hung-"))
+    for path in took:
+        path.unlink()
+    victim = next((p for p in children(parent.pid) if p.pid == pid), None)
+    limit = cluster.cfg.task_timeout_s
+    deadline = 2 * limit + SILENCE_BEATS * cluster.cfg.heartbeat_s + 10
+    hung_at = time.monotonic()
+    if victim is not None and not cluster.wait_for(lambda: not victim.alive(), deadline):
+        raise FaultFailed(f"{where} worker pid {pid}, hung ({how}) in an augment op, still ran {deadline:.0f}s "
+                          f"later (--task-timeout {limit:g}s)")
+    return Injected(f"{where} worker pid {pid} hung in an augment op ({'time.sleep' if how == 'sleep' else 'a Python loop'}"
+                    f"); killed {time.monotonic() - hung_at:.1f}s after the soak saw it hang "
+                    f"(--task-timeout {limit:g}s)", pid)
+
+
+def _remote_listed(cluster: Cluster) -> list[dict] | None:
+    stats = cluster.stats()
+    return None if stats is None else [w for w in stats["workers"]["list"] if not w["local"]]
+
+
+def remote_loss(cluster: Cluster, rng: random.Random) -> Injected:
+    link, port = cluster.net.link, cluster.worker_port
+    assert link is not None
+    seconds = rng.uniform(5.0, 15.0)
+    before = sum(w["batches"] for w in _remote_listed(cluster) or [])
+    link.loss(0.05, port=port)
+    try:
+        cluster.pause(seconds)
+        during = sum(w["batches"] for w in _remote_listed(cluster) or [])
+    finally:
+        link.heal()
+    return Injected(f"5% packet loss each way on the worker port {port} for {seconds:.1f}s, then healed; the remote "
+                    f"worker built {max(0, during - before)} batches meanwhile")
+
+
+PARTITION_S = 10.0
+
+
+def _none_of(cluster: Cluster, pids: set[int]) -> bool:
+    """The server answers and lists none of these remote workers."""
+    listed = _remote_listed(cluster)
+    return listed is not None and not {w["pid"] for w in listed} & pids
+
+
+def remote_partition(cluster: Cluster, rng: random.Random) -> Injected:
+    link, port = cluster.net.link, cluster.worker_port
+    assert link is not None
+    listed = {w["pid"] for w in _remote_listed(cluster) or []}
+    started = time.monotonic()
+    link.partition(port=port)
+    try:
+        given_up = cluster.wait_for(lambda: _none_of(cluster, listed) and time.monotonic(), PARTITION_S)
+        cluster.pause(PARTITION_S - (time.monotonic() - started))
+    finally:
+        link.heal()
+    if not given_up:
+        raise FaultFailed(f"the server still listed remote worker(s) {sorted(listed)} after its link was cut for "
+                          f"{PARTITION_S:g}s")
+    healed = time.monotonic()
+    back = cluster.wait_for(lambda: any(w["batches"] > 0 for w in _remote_listed(cluster) or []), TARGET_TIMEOUT_S)
+    if not back:
+        raise FaultFailed(f"the remote worker did not rejoin and build a batch within {TARGET_TIMEOUT_S:g}s of its "
+                          f"link being healed: the server reports {cluster.stats()}")
+    return Injected(f"worker port {port} cut for {PARTITION_S:g}s (the server gave the remote worker up after "
+                    f"{given_up - started:.1f}s); healed, it rejoined and built batches "
+                    f"{time.monotonic() - healed:.1f}s later")
+
+
 def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -244,4 +335,11 @@ FAULTS = (
           "must forget it", client_vanish),
     Fault("malformed", "a burst of malformed messages on a raw DEALER: random bytes, a msgpack-numpy pickled "
           "object array (alone and as a field), an unknown type, a foreign version", malformed),
+    Fault("hung_op", "the soak's augment op hangs in one worker process, local or remote, in C (time.sleep) or "
+          "in a Python loop, heartbeats still flowing; it must be killed past --task-timeout and replaced",
+          hung_op),
+    Fault("remote_loss", "5% packet loss each way on the remote worker's link to the worker port for 5-15 s, "
+          "then healed", remote_loss, needs_link=True),
+    Fault("remote_partition", "the remote worker's link to the worker port cut for 10 s (the server must give it "
+          "up), then healed: it must rejoin and build batches", remote_partition, needs_link=True),
 )

@@ -26,13 +26,15 @@ os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 """
 
 
-def spawn(args: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+def spawn(args: list[str], log_path: Path, env: dict[str, str], prefix: list[str] | None = None) -> subprocess.Popen:
     """Start `python ARGS` in its own session, output to `log_path`, stopped if the caller dies.
+    `prefix` is a command that execs the rest in place (`ip netns exec NAME`), so the child is
+    still the caller's own.
 
     Call it from the main thread: the kernel's parent-death signal follows the thread that
     started the child, not the process."""
     with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, "-c", _TRAMPOLINE, str(os.getpid()), *args],
+        return subprocess.Popen([*(prefix or []), sys.executable, "-c", _TRAMPOLINE, str(os.getpid()), *args],
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)
 

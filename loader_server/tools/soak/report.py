@@ -32,6 +32,8 @@ class SoakReport:
     seed: int
     setup: dict[str, Any]
     minutes_requested: float
+    network: str = ""
+    kinds: list[str] = field(default_factory=lambda: [f.kind for f in FAULTS])
     minutes_run: float = 0.0
     load_average: list[float] = field(default_factory=list)
     faults: list[FaultRecord] = field(default_factory=list)
@@ -46,8 +48,9 @@ class SoakReport:
 
     @property
     def faults_by_kind(self) -> dict[str, int]:
+        """Injections of each kind in the rotation (network faults are left out where they cannot run)."""
         counts = Counter(f.kind for f in self.faults)
-        return {f.kind: counts[f.kind] for f in FAULTS}
+        return {kind: counts[kind] for kind in self.kinds}
 
     @property
     def ok(self) -> bool:
@@ -102,14 +105,18 @@ def _intro(r: SoakReport) -> list[str]:
         "machine was running). This file and its JSON are written by that command.",
         "",
         f"It starts real processes: `npyloader serve` with {s['workers']} local workers (heartbeat "
-        f"{s['heartbeat_s']:g} s, client timeout {s['client_timeout_s']:g} s) on fixed loopback ports, one "
+        f"{s['heartbeat_s']:g} s, client timeout {s['client_timeout_s']:g} s) on fixed ports, one "
         "`npyloader worker --processes 1` joined over tcp, and two client processes. Client A reads "
         f"`train` ({s['train']}) epoch after epoch in index order with `BatchStream`; client B reads `val` "
         f"({s['val']}) asking for batches in a fresh random order each epoch with a prefetch window of "
         f"{s['prefetch']}, as Keras `fit(shuffle=True)` does. Each client sleeps {s['step_ms']:g} ms per batch, "
-        f"as a training step would, and waits up to {s['client_wait_s']:g} s for a batch. Faults of "
-        f"{len(FAULTS)} kinds are injected one at a time, in a seeded shuffled cycle with random pauses "
+        f"as a training step would, and waits up to {s['client_wait_s']:g} s for a batch. `train` also runs the "
+        f"soak's own augment op, which does nothing until the hung_op fault makes it hang one worker process; "
+        f"server and remote worker run with `--task-timeout {s['task_timeout_s']:g}`. Faults of "
+        f"{len(r.kinds)} kinds are injected one at a time, in a seeded shuffled cycle with random pauses "
         "between them, until the time is up and every kind has been injected at least once.",
+        "",
+        r.network,
         "",
         "How to read it. **Lost** counts, over every completed epoch of both clients, sample ids that never "
         "arrived; **duplicated** counts ids that arrived more than once; each should be 0, and anything else is "
@@ -147,7 +154,8 @@ def markdown(r: SoakReport) -> str:
               "|---|---|---:|---:|---:|"]
     for fault in FAULTS:
         median, worst = _recovery([f for f in r.faults if f.kind == fault.kind])
-        lines.append(f"| {fault.kind} | {fault.summary} | {by_kind[fault.kind]} | {median} | {worst} |")
+        injected = by_kind.get(fault.kind, "not run (no link to fault)")
+        lines.append(f"| {fault.kind} | {fault.summary} | {injected} | {median} | {worst} |")
     lines += ["", "## Clients", "", "| client | reads | epochs | batches | lost | duplicated | errors | reconnects "
               "| batch wait p50 ms | p99 ms | max ms |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in r.clients:

@@ -60,9 +60,11 @@ class Soak:
         self.cfg = cfg
         self.rng = random.Random(cfg.seed)
         self.cluster = Cluster(root, cfg, on_tick=self._tick)
+        self.faults = [f for f in FAULTS if not f.needs_link or self.cluster.net.link is not None]
         self.report = SoakReport(
             command=command, machine=machine(), cores=os.cpu_count() or 1, seed=cfg.seed,
-            setup=self._setup(), minutes_requested=cfg.minutes, load_average=[os.getloadavg()[0]])
+            setup=self._setup(), minutes_requested=cfg.minutes, network=self.cluster.net.describe(),
+            kinds=[f.kind for f in self.faults], load_average=[os.getloadavg()[0]])
         self._reading = False
         self._read_since = 0.0
         self._next_sample = self._next_status = 0.0
@@ -77,6 +79,7 @@ class Soak:
 
         c = self.cfg
         return {"workers": c.workers, "heartbeat_s": c.heartbeat_s, "client_timeout_s": c.client_timeout_s,
+                "task_timeout_s": c.task_timeout_s,
                 "prefetch": c.prefetch, "step_ms": c.client_step_s * 1000, "client_wait_s": c.client_wait_s,
                 "train": describe(soak_data.TRAIN), "val": describe(soak_data.VAL)}
 
@@ -100,6 +103,11 @@ class Soak:
 
     def _start(self) -> None:
         cluster = self.cluster
+        if cluster.net.link is None:
+            log.warning("soak: network faults (remote_loss, remote_partition) are left out: %s", cluster.net.unavailable)
+        else:
+            log.info("soak: the remote worker runs in network namespace %s, the rest in %s; network faults are on",
+                     cluster.net.remote_host.name, cluster.net.server_host.name)
         log.info("soak: starting the server on %s (workers join at %s)", cluster.url, cluster.worker_url)
         cluster.start_server()
         cluster.start_remote()
@@ -114,13 +122,13 @@ class Soak:
         """Faults in a seeded shuffled cycle of all kinds, with random pauses, until the time is up
         and every kind has been injected at least once, or something failed."""
         end = self._read_since + self.cfg.minutes * 60
-        mean_gap = min(MAX_GAP_S, max(MIN_GAP_S, self.cfg.minutes * 60 / (3 * len(FAULTS))))
+        mean_gap = min(MAX_GAP_S, max(MIN_GAP_S, self.cfg.minutes * 60 / (3 * len(self.faults))))
         cycle: list[Fault] = []
         while not self.report.problems and not any(not f.ok for f in self.report.faults):
             if time.monotonic() >= end and self._every_kind_injected():
                 return
             if not cycle:
-                cycle = self.rng.sample(list(FAULTS), len(FAULTS))
+                cycle = self.rng.sample(self.faults, len(self.faults))
             self.cluster.pause(self.rng.uniform(0.5, 1.5) * mean_gap)
             if time.monotonic() >= end and self._every_kind_injected():
                 return
