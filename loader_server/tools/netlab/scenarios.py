@@ -64,7 +64,7 @@ class LabConfig:
     """The data, the service and the faults of every scenario."""
 
     samples: int = 2560
-    side: int = 16                  # a sample is a side x side float32 image, plus its id
+    side: int = 32                  # a sample is a side x side float32 image, plus its id
     batch_size: int = 16
     seed: int = 7
     augment: tuple[str, ...] = ("rotate:degrees=15,p=0.5", "noise:std=0.05")
