@@ -89,3 +89,17 @@ def test_trainer_survives_a_partition_shorter_than_its_timeout(lab):
     outcome = scenario(lab, "partition", "trainer")
     assert outcome.trainer["longest_wait_s"] >= CFG.partition_s / 2, "the partition stalled the trainer"
     assert outcome.trainer["client"]["reconnects"] == 0, "the session survived: no hello again"
+
+
+def test_worker_sending_big_batches_over_a_thin_link_is_not_taken_for_silent(tmp_path):
+    """4 MB batches take 4 s each on an 8 Mbit/s link, longer than the server's silence limit
+    (3 heartbeats). Heartbeats sent behind them on the same connection would arrive too late, so
+    the server would give the busy worker up and redo its batches, again and again, until each
+    batch failed. They travel on a connection of their own, so the worker stays in service."""
+    cfg = LabConfig(side=128, samples=128, batch_size=64, augment=("noise:std=0.05",), pace_ms=0, cap_mbit=8,
+                    worker_link_local_workers=0, remote_processes=1)
+    outcome = run("cap", "worker", cfg, write_dataset(tmp_path / "data", cfg), tmp_path)
+    assert "went silent" not in outcome.logs["server"], outcome.logs["server"][-3000:]
+    assert outcome.trainer["error"] is None and outcome.exactly_once(cfg), outcome.trainer["error"]
+    assert outcome.remote_built() == cfg.batches and outcome.redone() == 0
+    assert outcome.trainer["epoch_s"] >= 0.9 * outcome.trainer["client"]["bytes"] * 8 / 1e6 / cfg.cap_mbit

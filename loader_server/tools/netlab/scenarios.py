@@ -351,7 +351,8 @@ def table_row(outcome: Outcome, clean: Outcome, cfg: LabConfig) -> str:
                     f" and building {_cell(outcome.building_again_s(), ' s')} after heal")
         else:
             built = f"{outcome.remote_built()} (of {cfg.batches})"
-            seen = "never given up" if outcome.given_up_s() is None else "given up"
+            silent = outcome.logs.get("server", "").count("went silent")
+            seen = "never given up" if not silent else f"given up {silent} time(s)"
     else:
         built, seen = "—", "—"
     return (f"| {outcome.link} | {outcome.fault} | {clean.trainer['epoch_s']:.1f} → {outcome.trainer['epoch_s']:.1f} "
