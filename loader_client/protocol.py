@@ -178,6 +178,10 @@ NONCE_BYTES = 16
 _SEGMENT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
 
 
+def _routing_id(v: Any) -> bool:
+    return isinstance(v, bytes) and 0 < len(v) <= 255 and v[0] != 0  # libzmq reserves ids starting with 0
+
+
 def _nonce(v: Any) -> bool:
     return isinstance(v, bytes) and len(v) == NONCE_BYTES
 
@@ -250,7 +254,9 @@ _WORKER_TO_BROKER: dict[str, dict[str, Check]] = {
     "ready": {"worker?": _nonneg_int, "pid": _nonneg_int, "host": _text, "capacity?": _nonneg_int,
               "local?": _bool},
     "refused": {"message": _text},
-    "heartbeat": {},
+    # `of`: sent on a remote worker's heartbeat connection, the routing id of the connection its
+    # batches travel on, whose heartbeats may queue behind a batch that takes long to send
+    "heartbeat": {"of?": _routing_id},
     "done": {"task": _nonneg_int, "rows": _nonneg_int, "busy_s": _number, "read_s?": _number, "augment_s?": _number},
     # `traceback`: the worker's own, its last frames kept (see `clip`)
     "failed": {"task": _nonneg_int, "message": _text, "traceback?": _text},

@@ -434,7 +434,15 @@ class Broker:
         log.error("a worker refused to join: %s", msg["message"])
 
     def _worker_heartbeat(self, identity: bytes, msg: protocol.Message, array_frames: list[zmq.Frame]) -> None:
-        self._registered(identity)  # a known worker's `last_seen` is all a heartbeat updates
+        if "of" not in msg.fields:
+            self._registered(identity)  # a known worker's `last_seen` is all a heartbeat updates
+            return
+        # From a remote worker's heartbeat connection: its batch connection may be busy sending
+        # a batch for longer than the silence limit on a thin link, but the worker is alive.
+        # An unknown one is left alone: its batch connection is told to rejoin.
+        worker = self.workers.get(identity[:1] + msg["of"]) if identity[:1] == REMOTE else None
+        if worker is not None:
+            worker.last_seen = time.monotonic()
 
     def _worker_ready(self, identity: bytes, msg: protocol.Message, array_frames: list[zmq.Frame]) -> None:
         if identity in self.workers:

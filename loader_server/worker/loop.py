@@ -205,8 +205,11 @@ class WorkerLoop:
 
     def __init__(self, ctx: zmq.Context, sock: zmq.Socket, runner: Callable[[protocol.Message], list] | None,
                  hello: list, heartbeat_s: float,
-                 on_setup: Callable[[protocol.Message], None] | None = None) -> None:
+                 on_setup: Callable[[protocol.Message], None] | None = None,
+                 side_beat: tuple[zmq.Socket, list] | None = None) -> None:
         self.ctx = ctx
+        # a remote worker's heartbeat connection and what it sends there (see remote.py)
+        self.side_beat = side_beat
         self.sock = sock
         self.runner = runner
         self.hello = hello
@@ -260,6 +263,11 @@ class WorkerLoop:
             now = time.monotonic()
             if now >= next_beat:
                 self.sock.send_multipart(protocol.encode("heartbeat"))
+                if self.side_beat is not None:
+                    try:
+                        self.side_beat[0].send_multipart(self.side_beat[1], flags=zmq.NOBLOCK)
+                    except zmq.Again:
+                        pass  # its short queue is full: the link is down, and a late beat says nothing
                 next_beat = now + self.heartbeat_s
             if silence_s is not None and now - self.last_heard > silence_s:
                 return "silent"

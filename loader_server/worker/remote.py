@@ -24,6 +24,7 @@ import zmq
 
 from loader_client import endpoints, protocol
 from loader_client.security import ClientCurve
+from loader_client.stream import new_routing_id
 from loader_server.config import DEFAULT_TASK_TIMEOUT_S, ConfigError
 from loader_server.data.index import DatasetError
 from loader_server.data.index_cache import default_dir, load_or_build
@@ -81,13 +82,34 @@ def run_remote_worker(spec: RemoteWorkerSpec) -> None:
         ctx.term()
 
 
-def _serve_one_session(ctx: zmq.Context, spec: RemoteWorkerSpec, orphaned: Callable[[], bool]) -> str:
+def _connect(ctx: zmq.Context, spec: RemoteWorkerSpec, routing_id: bytes) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTING_ID, routing_id)
     if spec.curve is not None:
         spec.curve.apply(sock)
     endpoints.parse(spec.connect, "--connect", bind=False).prepare(sock)
     sock.connect(spec.connect)
+    return sock
+
+
+def _heartbeat_connection(ctx: zmq.Context, spec: RemoteWorkerSpec, of: bytes) -> tuple[zmq.Socket, list]:
+    """A second connection that carries only heartbeats naming the batch connection `of`. On a
+    thin link a batch of a few MB takes seconds to send, and a heartbeat sent on the same
+    connection waits behind it: the server would take a busy worker for a silent one. Its queue
+    is short, so heartbeats not sent during a partition are dropped rather than piled up."""
+    beat = _connect(ctx, spec, new_routing_id())
+    beat.setsockopt(zmq.SNDHWM, HEARTBEAT_QUEUE)
+    return beat, protocol.encode("heartbeat", {"of": of})
+
+
+HEARTBEAT_QUEUE = 4
+
+
+def _serve_one_session(ctx: zmq.Context, spec: RemoteWorkerSpec, orphaned: Callable[[], bool]) -> str:
+    routing_id = new_routing_id()
+    sock = _connect(ctx, spec, routing_id)
+    beat: zmq.Socket | None = None
     join = protocol.encode("join", {"pid": os.getpid(), "host": socket.gethostname()})
     try:
         setup = _await_setup(sock, join, spec, orphaned)
@@ -116,7 +138,8 @@ def _serve_one_session(ctx: zmq.Context, spec: RemoteWorkerSpec, orphaned: Calla
                 restart.set()
 
         build = runner if spec.clock is None else timed(runner, spec.clock)
-        loop = WorkerLoop(ctx, sock, build, join, spec.heartbeat_s, on_setup)
+        beat, side_heartbeat = _heartbeat_connection(ctx, spec, routing_id)
+        loop = WorkerLoop(ctx, sock, build, join, spec.heartbeat_s, on_setup, side_beat=(beat, side_heartbeat))
 
         sock.send_multipart(ready)
         log.info("serving %s for %s", ", ".join(datasets), spec.connect)
@@ -130,6 +153,8 @@ def _serve_one_session(ctx: zmq.Context, spec: RemoteWorkerSpec, orphaned: Calla
         return why
     finally:
         sock.close(0)
+        if beat is not None:
+            beat.close(0)
 
 
 SILENCE_BEATS = 3
