@@ -82,6 +82,9 @@ def run_remote_worker(spec: RemoteWorkerSpec) -> None:
         ctx.term()
 
 
+HEARTBEAT_QUEUE = 4  # heartbeats held while the link is cut; past that, new ones are dropped
+
+
 def _connect(ctx: zmq.Context, spec: RemoteWorkerSpec, routing_id: bytes) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -101,9 +104,6 @@ def _heartbeat_connection(ctx: zmq.Context, spec: RemoteWorkerSpec, of: bytes) -
     beat = _connect(ctx, spec, new_routing_id())
     beat.setsockopt(zmq.SNDHWM, HEARTBEAT_QUEUE)
     return beat, protocol.encode("heartbeat", {"of": of})
-
-
-HEARTBEAT_QUEUE = 4
 
 
 def _serve_one_session(ctx: zmq.Context, spec: RemoteWorkerSpec, orphaned: Callable[[], bool]) -> str:
