@@ -43,6 +43,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
 
 from loader_server.data.augment import Rotate
 from loader_server.tools.bench.harness import (
@@ -56,6 +57,12 @@ from loader_server.tools.bench.harness import (
 )
 from loader_server.tools.bench.plan import BATCH, Batch, PlanRowReader, rotated
 from loader_server.tools.bench.workload import Workload
+
+# Grain keeps its options in absl flags, which only absl.app.run() parses. With JAX installed,
+# its profiler hooks read one of them when a worker starts and raise UnparsedFlagAccessError;
+# marking the flags parsed gives every flag its default, as absl.app.run() would with no argv.
+if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 # How many epochs one pipeline spans from its first epoch: far more than a bench or test asks for.
 EPOCHS_SPANNED = 1_000_000
