@@ -21,7 +21,8 @@ from pathlib import Path
 
 log = logging.getLogger("npyloader.local_server")
 
-READY = re.compile(r"serving .* at (tcp://\S+)")
+# The line `npyloader serve` logs once it accepts clients, with the endpoint they connect to.
+READY = re.compile(r"serving .* at (tcp://\S+|ipc://\S+)")
 
 
 @dataclass
@@ -48,21 +49,24 @@ def running_server(serve_args: list[str], log_path: Path, ready_timeout: float =
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        yield LocalServer(proc, _wait_ready(proc, log_path, ready_timeout), log_path)
+        yield LocalServer(proc, wait_for_line(proc, log_path, READY, ready_timeout, what="npyloader serve"), log_path)
     finally:
         stop_server(proc, stop_timeout)
 
 
-def _wait_ready(proc: subprocess.Popen, log_path: Path, timeout: float) -> str:
+def wait_for_line(proc: subprocess.Popen, log_path: Path, pattern: re.Pattern, timeout: float = 180.0,
+                  interval: float = 0.05, what: str = "npyloader") -> str:
+    """The first group of `pattern` once it appears in `proc`'s log, polled with a deadline.
+    RuntimeError with the log's end if the process exits first; TimeoutError past `timeout`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        match = READY.search(log_path.read_text(errors="replace"))
-        if match:
-            return match.group(1)
+        found = pattern.search(log_path.read_text(errors="replace"))
+        if found:
+            return found.group(1)
         if proc.poll() is not None:
-            raise RuntimeError(f"npyloader serve exited with {proc.returncode}:\n{log_path.read_text()}")
-        time.sleep(0.1)
-    raise TimeoutError(f"npyloader serve did not report ready within {timeout:g}s; see {log_path}")
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}")
+        time.sleep(interval)
+    raise TimeoutError(f"{what} did not log {pattern.pattern!r} within {timeout:g}s; see {log_path}")
 
 
 def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> int:

@@ -22,12 +22,11 @@ import numpy as np
 
 from loader_server.tools.bench.procs import (
     JOIN,
-    READY,
     cpu_seconds,
     npyloader_process,
     stop,
-    wait_for_line,
 )
+from loader_server.tools.local_server import READY, wait_for_line
 
 log = logging.getLogger(__name__)
 

@@ -10,33 +10,18 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-READY = re.compile(r"serving .* at (tcp://\S+|ipc://\S+)")
+from loader_server.tools.local_server import npyloader_command
+
 JOIN = re.compile(r"remote workers may join at (tcp://[^\s;]+)")
 
 
 def npyloader_process(*args: str, log_path: Path) -> subprocess.Popen:
     """`npyloader ARGS` in a child process, stdout and stderr into `log_path`."""
     with open(log_path, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "loader_server.cli", *args], stdout=out,
+        return subprocess.Popen(npyloader_command(*args), stdout=out,
                                 stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def wait_for_line(proc: subprocess.Popen, log_path: Path, pattern: re.Pattern, timeout: float = 180.0,
-                  interval: float = 0.05) -> str:
-    """The first group of `pattern` once it appears in the log; an error if the process exits first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = pattern.search(log_path.read_text())
-        if found:
-            return found.group(1)
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
-        time.sleep(interval)
-    raise TimeoutError(f"no ready line within {timeout:g}s; see {log_path}")
 
 
 def stop(*procs: subprocess.Popen | None) -> None:

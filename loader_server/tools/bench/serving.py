@@ -20,15 +20,14 @@ import numpy as np
 
 from loader_server.tools.bench.procs import (
     JOIN,
-    READY,
     children,
     npyloader_process,
     peak_rss_mb,
     private_mb,
     stop,
-    wait_for_line,
 )
 from loader_server.tools.bench.workload import ROWS_PER_FILE, Workload
+from loader_server.tools.local_server import READY, wait_for_line
 
 CLIENT_TIMEOUT_S = 120
 PREFETCH = 16

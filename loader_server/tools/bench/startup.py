@@ -25,14 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loader_server.tools.bench.procs import (
-    READY,
     children,
     cpu_seconds,
     npyloader_process,
     stop,
-    wait_for_line,
 )
 from loader_server.tools.bench.workload import write_small_files
+from loader_server.tools.local_server import READY, wait_for_line
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,13 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
-from loader_server.tools.netlab.hosts import VETH, Host, NetnsError, netns_unavailable_reason, two_hosts
+from loader_server.tools.netlab.hosts import (
+    VETH,
+    Host,
+    NetnsError,
+    netns_unavailable_reason,
+    two_hosts,
+)
 
 _PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 IPTABLES = shutil.which("iptables", path=_PATH)

@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loader_server.tools.local_server import READY, wait_for_line
 from loader_server.tools.netlab.hosts import Host, two_hosts
 from loader_server.tools.netlab.link import Link
 
@@ -52,7 +52,6 @@ FAULTS = ("delay", "loss", "partition", "cap")
 LINKS = ("worker", "trainer")
 CLIENT_PORT = 5555
 WORKER_PORT = 5556
-READY = re.compile(r"serving .* at")
 
 
 class ScenarioError(RuntimeError):
@@ -255,10 +254,7 @@ def run(fault: str | None, link: str, cfg: LabConfig, data: Path, workdir: Path,
         with open(logs["server"], "w") as out:
             server = a.popen(_serve_argv(cfg, data, a, local, pace, remote=link == "worker"), env=env,
                              stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        _until(lambda: READY.search(logs["server"].read_text()) or server.poll() is not None, cfg.start_s,
-               "the server did not log its ready line")
-        if server.poll() is not None:
-            raise ScenarioError(f"the server exited with {server.returncode}:\n{logs['server'].read_text()[-3000:]}")
+        wait_for_line(server, logs["server"], READY, cfg.start_s, what=f"{name}: the server")
         watch = a.popen([sys.executable, "-m", "loader_server.cli", "stats", url, "--watch", "--json",
                          "--interval", f"{cfg.watch_s:g}"], env=env, stdout=subprocess.PIPE, text=True)
         stats = _Lines(watch)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -24,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from loader_server.tools.local_server import READY
 from loader_server.tools.netlab.hosts import NetnsError
 from loader_server.tools.soak import data as soak_data
 from loader_server.tools.soak import hang_op
@@ -41,7 +41,6 @@ from loader_server.tools.soak.procs import (
 
 log = logging.getLogger(__name__)
 
-READY = re.compile(r"serving .* at (tcp://\S+)")
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 POLL_S = 0.1
