@@ -575,6 +575,16 @@ def request_stats(url: str, timeout: float = 5.0, curve: Curve = None) -> dict:
         sock.close(0)
 
 
+def epoch_batches(conn: Connection, epoch: int, batches: int, prefetch: int) -> Iterator[Batch]:
+    """Batches 0..batches-1 of `epoch` in index order, with `prefetch` of them kept requested
+    ahead of the one being read, so workers stay busy while the caller works."""
+    conn.request(epoch, list(range(min(prefetch, batches))))
+    for i in range(batches):
+        if i + prefetch < batches:
+            conn.request(epoch, [i + prefetch])
+        yield conn.get(epoch, i)
+
+
 class BatchStream:
     """Iterate the batches of one epoch in index order, `(x, y)` each; no Keras needed.
 
@@ -600,12 +610,7 @@ class BatchStream:
         return self.info.batches
 
     def __iter__(self) -> Iterator[Batch]:
-        n, epoch = len(self), self.epoch
-        self._conn.request(epoch, list(range(min(self.prefetch, n))))
-        for i in range(n):
-            if i + self.prefetch < n:
-                self._conn.request(epoch, [i + self.prefetch])
-            yield self._conn.get(epoch, i)
+        yield from epoch_batches(self._conn, self.epoch, len(self), self.prefetch)
         self.epoch += 1
 
     def stats(self) -> dict:

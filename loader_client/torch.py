@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import IterableDataset, get_worker_info
 
-from loader_client.stream import DEFAULT_PREFETCH, Connection, Curve, as_curve
+from loader_client.stream import DEFAULT_PREFETCH, Connection, Curve, as_curve, epoch_batches
 
 # torch's text for arrays it cannot write into (torch/csrc/utils/tensor_numpy.cpp)
 NOT_WRITABLE = "The given NumPy array is not writable"
@@ -80,12 +80,9 @@ class RemoteDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         self._refuse_loader_workers()
-        n, epoch = len(self), self.epoch
-        self._conn.request(epoch, list(range(min(self.prefetch, n))))
-        for i in range(n):
-            if i + self.prefetch < n:
-                self._conn.request(epoch, [i + self.prefetch])
-            batch = tuple(as_tensor(a, self.writable) for a in self._conn.get(epoch, i))
+        epoch = self.epoch
+        for arrays in epoch_batches(self._conn, epoch, len(self), self.prefetch):
+            batch = tuple(as_tensor(a, self.writable) for a in arrays)
             yield batch if len(batch) > 1 else batch[0]
         if self.epoch == epoch:  # not moved by set_epoch during the pass
             self.epoch = epoch + 1
