@@ -31,6 +31,7 @@ from loader_server.tools.soak.procs import ProcRef, children
 TARGET_TIMEOUT_S = 60.0
 ORPHAN_EXIT_S = 15.0
 REPLY_TIMEOUT_S = 10.0
+PARTITION_S = 10.0  # how long remote_partition cuts the remote worker's link
 
 
 class FaultFailed(RuntimeError):
@@ -219,9 +220,6 @@ def remote_loss(cluster: Cluster, rng: random.Random) -> Injected:
         link.heal()
     return Injected(f"5% packet loss each way on the worker port {port} for {seconds:.1f}s, then healed; the remote "
                     f"worker built {max(0, during - before)} batches meanwhile")
-
-
-PARTITION_S = 10.0
 
 
 def _none_of(cluster: Cluster, pids: set[int]) -> bool:

@@ -41,7 +41,7 @@ def hang_once(x, y, rng, folder: str = ""):
     parent = os.getppid()
     for how in HOWS:
         try:
-            os.rename(os.path.join(folder, f"hang-{parent}-{how}"), os.path.join(folder, f"hung-{os.getpid()}"))
+            os.rename(trigger(Path(folder), parent, how), Path(folder) / f"hung-{os.getpid()}")
         except FileNotFoundError:
             continue
         if how == "sleep":
