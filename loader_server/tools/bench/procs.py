@@ -1,5 +1,5 @@
-"""The `npyloader` processes a bench measures: start one with its log in a file, wait for a
-line in that log, find its children, stop it.
+"""The `npyloader` processes a bench measures: start one with its log in a file, find its
+children, stop it (waiting for a line in its log is local_server.wait_for_line).
 
 Apart from the runner so that the start-up measurement uses the same helpers without
 importing the whole loader comparison.
